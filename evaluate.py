@@ -1,0 +1,400 @@
+"""
+The measuring stick - is a set of generated digits any good, and how fast was it made?
+
+Usage (copy-paste):
+    python evaluate.py samples.npz                      # FID (+ per-digit accuracy if it has labels)
+    python evaluate.py samples.npz --n 2000 --json      # the same, machine-readable
+    python evaluate.py my_pngs/                         # a folder of 28x28 PNGs works too
+    python evaluate.py --benchmark                      # images/s of each sampler on this device
+
+Why not the usual Inception FID? Inception-v3 was trained on 299x299 colour photos (and needs weights from the
+internet); on 28x28 digits its features mean little. We train a small MNIST classifier once instead (about a
+minute or two on a CPU, >= 99% test accuracy) and measure in its feature space:
+
+  * FID: the Fréchet distance between Gaussians fitted to the classifier's penultimate-layer features of your
+    samples and of the 10k MNIST test digits. 0 = same statistics; it depends on N, so compare at equal N.
+    The "floor" printed next to it is the FID of N *real* training digits: the best a generator can hope for.
+  * accuracy: for samples that carry the digit they were asked to be (`labels`), how often the classifier
+    agrees. For unlabeled samples: the class histogram (a missing digit = mode collapse) and mean confidence.
+
+Input: an .npz with `images` uint8 [N, 28, 28] (0-255) and optional `labels` int [N] - what every script's
+`--save-npz` writes - or a folder of PNGs.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+CLASSIFIER_NAME = "mnist_classifier.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FID / accuracy of generated MNIST digits, and a sampler benchmark.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("samples", nargs="?", help=".npz from a --save-npz flag, or a folder of 28x28 PNGs")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="use the first N samples (default: all); FID depends on N, so compare at equal N")
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="folder holding MNIST/raw/ (torchvision layout). Env var MNIST_ROOT sets the default")
+    p.add_argument("--out-dir", default=".", help="where the reference classifier is cached")
+    p.add_argument("--classifier", default=None,
+                   help=f"reference classifier checkpoint (default: OUT_DIR/{CLASSIFIER_NAME}; trained if missing)")
+    p.add_argument("--classifier-epochs", type=positive_int, default=3, help="epochs when training it")
+    p.add_argument("--retrain", action="store_true", help="train the reference classifier again")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time every sampler whose checkpoint exists in OUT_DIR (markdown table)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="benchmark: timed runs per sampler (median)")
+    p.add_argument("--batch", type=positive_int, default=64, help="benchmark: images per timed run")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    args = p.parse_args(argv)
+    if not args.samples and not args.benchmark:
+        p.error("give a samples file/folder to score, or --benchmark")
+    return args
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: MNIST for the classifier and the reference statistics; the samples to score
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def load_samples(path, n=None):
+    """Reads an .npz (`images` uint8 [N, 28, 28], optional `labels`) or a folder of PNGs."""
+    labels = None
+    if os.path.isdir(path):
+        from PIL import Image
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        if not files:
+            fail(f"{path} holds no .png files")
+        images = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("L")) for f in files])
+    elif os.path.isfile(path):
+        try:
+            with np.load(path) as npz:
+                if "images" not in npz:
+                    fail(f"{path} has no `images` array (it has: {', '.join(npz.files) or 'nothing'})")
+                images = npz["images"]
+                labels = npz["labels"] if "labels" in npz else None
+        except (ValueError, OSError, EOFError) as e:
+            fail(f"{path} is not a readable .npz file ({type(e).__name__})")
+    else:
+        fail(f"no such file or folder: {path}")
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        fail(f"`images` must be N x 28 x 28, got shape {tuple(images.shape)}")
+    if images.dtype != np.uint8:
+        fail(f"`images` must be uint8 0-255, got {images.dtype}")
+    if len(images) == 0:
+        fail(f"{path} holds no images")
+    if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
+                               or labels.min() < 0 or labels.max() > 9):
+        fail(f"`labels` must be N integers 0-9 matching `images`, got shape {labels.shape} {labels.dtype}")
+    if n is not None:
+        if len(images) < n:
+            fail(f"{path} holds {len(images)} images, fewer than --n {n}")
+        images = images[:n]
+        labels = labels[:n] if labels is not None else None
+    return torch.from_numpy(images), (torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Model: the reference classifier. Its 128-d penultimate layer is the feature space FID is measured in.
+# ----------------------------------------------------------------------------------------------------
+class MnistClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.25), nn.Linear(128, 10))
+
+    def forward(self, images_uint8):
+        x = (images_uint8.float().unsqueeze(1) / 255.0 - 0.1307) / 0.3081  # MNIST mean/std
+        feats = self.features(x)
+        return self.head(feats), feats
+
+
+@torch.no_grad()
+def classify(model, images_uint8, device, batch=1000):
+    """Returns (logits [N, 10], features [N, 128]) as float32 CPU tensors."""
+    model.eval()
+    logits, feats = [], []
+    for i in range(0, len(images_uint8), batch):
+        lg, ft = model(images_uint8[i:i + batch].to(device))
+        logits.append(lg.float().cpu())
+        feats.append(ft.float().cpu())
+    return torch.cat(logits), torch.cat(feats)
+
+
+def train_classifier(args, device, path):
+    """Trains the reference classifier on MNIST-train, caches it with the MNIST-test feature statistics."""
+    torch.manual_seed(args.seed)
+    train_x, train_y = load_mnist(args.data_root, train=True)
+    test_x, test_y = load_mnist(args.data_root, train=False)
+    model = MnistClassifier().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    steps = args.classifier_epochs * (len(train_x) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
+    bar = tqdm(total=steps, desc="training reference classifier", unit="step")
+    for _ in range(args.classifier_epochs):
+        model.train()
+        order = torch.randperm(len(train_x))
+        for i in range(len(train_x) // 128):
+            idx = order[i * 128:(i + 1) * 128]
+            x = train_x[idx].to(device)
+            # small random shifts (+-2 px) make the features robust to the slightly off-centre generated digits
+            x = torch.roll(x, shifts=tuple(torch.randint(-2, 3, (2,)).tolist()), dims=(1, 2))
+            loss = F.cross_entropy(model(x)[0], train_y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    logits, feats = classify(model, test_x, device)
+    accuracy = (logits.argmax(1) == test_y).float().mean().item()
+    mu, sigma = feature_stats(feats)
+    ckpt = {"kind": "mnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy,
+            "test_mu": mu, "test_sigma": sigma}
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+    print(f"reference classifier: {accuracy:.2%} MNIST-test accuracy, cached in {path}", file=sys.stderr)
+    return ckpt
+
+
+def load_classifier(args, device):
+    """The cached reference classifier (trained first if missing, unreadable or --retrain)."""
+    path = args.classifier or os.path.join(args.out_dir, CLASSIFIER_NAME)
+    ckpt = None
+    if os.path.isfile(path) and not args.retrain:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            print(f"warning: {path} is unreadable ({type(e).__name__}); training it again", file=sys.stderr)
+        if ckpt is not None and (not isinstance(ckpt, dict) or ckpt.get("kind") != "mnist_classifier"):
+            fail(f"{path} is not a reference classifier from evaluate.py (delete it or pass --classifier)")
+    if ckpt is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        ckpt = train_classifier(args, device, path)
+    model = MnistClassifier().to(device)
+    model.load_state_dict(ckpt["model"])
+    if ckpt["test_accuracy"] < 0.99:
+        print(f"warning: the reference classifier reaches only {ckpt['test_accuracy']:.2%} on MNIST-test "
+              f"(want >= 99%); retrain with more --classifier-epochs", file=sys.stderr)
+    return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Metrics
+# ----------------------------------------------------------------------------------------------------
+def feature_stats(feats):
+    """Mean and covariance of the features (float64 numpy, on the CPU: MPS has no float64)."""
+    f = feats.double().numpy()
+    return torch.from_numpy(f.mean(0)), torch.from_numpy(np.cov(f, rowvar=False))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = ‖μ₁ - μ₂‖² + Tr(Σ₁ + Σ₂ - 2 (Σ₁Σ₂)^½).
+
+    Tr((Σ₁Σ₂)^½) is the sum of the square roots of the eigenvalues of Σ₁Σ₂, which are those of the symmetric
+    matrix √Σ₁ Σ₂ √Σ₁ - so two symmetric eigen-decompositions do it, no scipy needed."""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = np.linalg.eigh(sigma1)
+    sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = np.linalg.eigvalsh(sqrt_sigma1 @ sigma2 @ sqrt_sigma1)
+    trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def score(model, ckpt, images, labels, device, data_root=None, seed=0):
+    """All metrics of one sample set as a dict."""
+    logits, feats = classify(model, images, device)
+    mu, sigma = feature_stats(feats)
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    result = {"n": len(images), "fid": frechet_distance(mu, sigma, ckpt["test_mu"], ckpt["test_sigma"]),
+              "classifier_test_accuracy": ckpt["test_accuracy"],
+              "class_histogram": torch.bincount(pred, minlength=10).tolist(),
+              "mean_confidence": probs.max(1).values.mean().item()}
+    if data_root is not None:  # the floor: N real training digits, same N
+        train_x, _ = load_mnist(data_root, train=True)
+        g = torch.Generator().manual_seed(seed)
+        real = train_x[torch.randperm(len(train_x), generator=g)[:len(images)]]
+        result["fid_floor_real_train"] = frechet_distance(*feature_stats(classify(model, real, device)[1]),
+                                                          ckpt["test_mu"], ckpt["test_sigma"])
+    if labels is not None:
+        correct = (pred == labels).float()
+        result["accuracy"] = correct.mean().item()
+        result["accuracy_per_digit"] = {int(d): correct[labels == d].mean().item()
+                                        for d in labels.unique().tolist()}
+    return result
+
+
+def print_report(result, path):
+    print(f"{path}: N = {result['n']}")
+    floor = result.get("fid_floor_real_train")
+    print(f"  FID (MNIST-classifier features, vs MNIST-test) = {result['fid']:.3f}"
+          + (f"   (floor: {floor:.3f} for {result['n']} real training digits)" if floor is not None else ""))
+    print(f"  class histogram (0-9): {result['class_histogram']}   mean confidence {result['mean_confidence']:.3f}")
+    if "accuracy" in result:
+        per = "  ".join(f"{d}:{a:.0%}" for d, a in sorted(result["accuracy_per_digit"].items()))
+        print(f"  judged the requested digit: {result['accuracy']:.2%}   per digit  {per}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Benchmark: images per second of every sampler whose checkpoint exists (median of repeats, warm-up excluded)
+# ----------------------------------------------------------------------------------------------------
+def time_sampler(fn, repeats, device):
+    """Median seconds of fn() over `repeats` runs, after one untimed warm-up run."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark(args, device):
+    """Rows of {sampler, seconds_per_batch, images_per_second, speedup}: each chapter's own sampler is imported
+    and timed as a learner runs it, from the checkpoints found in --out-dir (skipped, with a note, if missing)."""
+    import sample_ddim
+    import src
+    import src_cfg
+    import train_distilled
+    ddpm_path = os.path.join(args.out_dir, src.FINAL_NAME)
+    if not os.path.isfile(ddpm_path):
+        fail(f"--benchmark needs {ddpm_path} - run `python src.py` first (or pass --out-dir)")
+    ckpt = src.load_checkpoint(ddpm_path, device)
+    unet = src.model_from_checkpoint(ckpt, ddpm_path).to(device).eval()
+    bf16 = src.use_bf16("auto", device)
+    sched = {k: v.to(device) for k, v in src.ddpm_schedule(**ckpt["config"]["schedule"]).items()}
+    b = args.batch
+    x_T = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    samplers = [("DDPM ancestral, 1000 steps (src.py)", lambda: src.sample_ddpm(unet, sched, b, device, bf16,
+                                                                                 progress=False))]
+    for k in (20, 50, 100):
+        samplers.append((f"DDIM {k} steps (sample_ddim.py)",
+                         lambda k=k: sample_ddim.sample_ddim(unet, sched, x_T, k, bf16=bf16, progress=False)))
+    notes = []
+    classifier_path = os.path.join(args.out_dir, src_cfg.CLASSIFIER_NAME)
+    if os.path.isfile(classifier_path):
+        classifier = src_cfg.NoisyClassifier().to(device).eval()
+        classifier.load_state_dict(torch.load(classifier_path, map_location=device, weights_only=True)["model"])
+        y = torch.arange(b, device=device) % 10
+        samplers.append(("classifier-guided DDIM 50 steps, scale 3 (src_cfg.py)", lambda: src_cfg.sample_guided(
+            unet, classifier, sched, x_T, y, 3.0, 50, bf16=bf16, progress=False)))
+    else:
+        notes.append(f"no {classifier_path}: run `python src_cfg.py` to time guided sampling")
+    distilled_path = os.path.join(args.out_dir, train_distilled.FINAL_NAME)
+    if os.path.isfile(distilled_path):
+        distilled = train_distilled.load_distilled(distilled_path, device)
+        student = train_distilled.model_from_checkpoint(distilled, distilled_path).to(device).eval()
+        samplers.append(("distilled, 1 step (train_distilled.py)",
+                         lambda: train_distilled.generate(student, sched, x_T, bf16)))
+    else:
+        notes.append(f"no {distilled_path}: run `python train_distilled.py` to time the one-step student")
+    rows = []
+    for name, fn in samplers:
+        seconds = time_sampler(fn, args.repeats, device)
+        rows.append({"sampler": name, "seconds_per_batch": seconds, "images_per_second": b / seconds})
+        print(f"  timed {name}: {seconds:.3f}s per {b} images", file=sys.stderr)
+    for row in rows:
+        row["speedup_vs_ddpm_1000"] = row["images_per_second"] / rows[0]["images_per_second"]
+    return rows, notes
+
+
+def print_benchmark(rows, notes, device, batch):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else device.type
+    print(f"device: {name}, torch {torch.__version__}, batch {batch}, median of repeats, warm-up excluded\n")
+    print(f"| sampler | images/s | s per {batch}-image grid | speed-up vs DDPM-1000 |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['sampler']} | {r['images_per_second']:.1f} | {r['seconds_per_batch']:.3f} | "
+              f"{r['speedup_vs_ddpm_1000']:.1f}x |")
+    for note in notes:
+        print(f"\nnote: {note}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Main
+# ----------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    if args.benchmark:
+        rows, notes = benchmark(args, device)
+        if args.json:
+            print(json.dumps({"device": str(device), "torch": torch.__version__, "batch": args.batch,
+                              "rows": rows, "notes": notes}))
+        else:
+            print_benchmark(rows, notes, device, args.batch)
+        return
+    images, labels = load_samples(args.samples, args.n)
+    model, ckpt = load_classifier(args, device)
+    result = score(model, ckpt, images, labels, device, args.data_root, args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_report(result, args.samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""
+Chapter 3 - DDIM (Song et al. 2021): the same trained model, 20x-50x fewer steps.
+
+Usage (copy-paste):
+    python sample_ddim.py                           # grids at 20, 50, 100 steps + DDPM-1000, a timing table
+    python sample_ddim.py --steps 10 --eta 0.5      # fewer steps, some stochasticity
+    python sample_ddim.py --steps 50 --num-samples 2000 --save-npz ddim50.npz --no-ddpm   # for evaluate.py
+
+It loads diffusion_model_final.pt from `python src.py` (EMA weights) and rebuilds the exact UNet from the config
+stored inside. Nothing is retrained: DDIM is only a different way to walk from noise to a digit.
+
+What comes out (in --out-dir):
+    ddim_samples_{K}_steps.png      a grid for each step count K (the same starting noise for every K)
+    ddpm_samples_1000_steps.png     the 1000-step ancestral sampler of src.py, same starting noise
+    ddim_comparison.png             rows = step counts, columns = the same noise: the digits converge
+    ddim_inversion.png              real digit -> noise (deterministic ODE) -> reconstruction
+
+What we learned (the idea in three lines):
+  * DDPM's reverse step is random; DDIM shows that a whole family of samplers shares the SAME training objective,
+    indexed by η: η = 1 is DDPM's ancestral step, η = 0 is deterministic (an ODE - noise maps to one digit).
+  * A deterministic path can take big strides, so 50 of the 1000 timesteps are enough.
+  * Deterministic also means invertible: run the ODE forwards and you get the noise that draws a given digit.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DDIM sampling (and inversion) from src.py's trained DDPM.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="made by `python src.py`")
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100], help="DDIM step counts to compare")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = DDPM-like noise")
+    p.add_argument("--spacing", choices=["uniform", "trailing"], default="uniform",
+                   help="which K of the 1000 timesteps to visit. uniform: evenly from 999 down to 0; "
+                        "trailing: 999, 999-T/K, ..., T/K-1 (Lin et al. 2024). Both end with a step to x_0")
+    p.add_argument("--num-samples", type=int, default=64, help="digits per grid")
+    p.add_argument("--no-ddpm", action="store_true", help="skip the (slow) 1000-step DDPM reference row")
+    p.add_argument("--no-inversion", action="store_true", help="skip the DDIM inversion figure")
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="MNIST (torchvision layout) for the inversion figure's real digits; env var MNIST_ROOT")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the starting noise)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
+    p.add_argument("--out-dir", default=".", help="where pictures go")
+    p.add_argument("--save-npz", default=None, metavar="PATH",
+                   help="export samples (`images` uint8 N x 28 x 28); with several --steps, one file per count "
+                        "with the count in its name (PATH_50steps.npz)")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+def use_bf16(choice, device):
+    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: real digits for the inversion figure
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x):
+    """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    alpha = 1.0 - beta  # α_t = 1 - β_t
+    alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    posterior_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+    # Computed in float64 on the CPU, stored float32 (Apple MPS has no float64).
+    return {name: value.float() for name, value in dict(
+        beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+        posterior_var=posterior_var).items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Model: a compact UNet. Identical copy in every chapter (a test checks), so they all load the same file.
+# ----------------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (as in Transformers): tells every block how noisy x_t is."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between; plus a skip path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # every block knows the noise level
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution (7x7) feature map: global context."""
+
+    def __init__(self, ch, heads=4, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each [b, heads, pixels, c/heads]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = base_channels
+        for i, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, emb_dim)
+        self.mid_attn = SelfAttention(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim)
+        # Up path: mirror image; each level concatenates the skip saved at the same size on the way down.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
+            ch = widths[i]
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up_blocks, self.upsamples):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.head(h)
+
+
+def build_model(config):
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+
+
+def load_checkpoint(path, device):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
+        fail(f"{path} is not a DDPM checkpoint from src.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """Rebuilds the exact UNet from the config stored in the checkpoint and loads its (EMA) weights."""
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Sampling: the DDIM update, and its inverse
+# ----------------------------------------------------------------------------------------------------
+def ddim_timesteps(K, T=1000, spacing="uniform"):
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
+
+    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    if spacing == "uniform":
+        steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
+    else:
+        steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    return steps.tolist()
+
+
+def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
+    """One DDIM update from x_t to x_prev (Song et al. 2021, Eq. 12), written with named terms."""
+    # predicted x_0: undo the forward process with the model's noise, x_0 ≈ (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()
+    # σ_t(η) = η · √((1-ᾱ_prev)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_prev): η=1 gives DDPM's posterior std, η=0 no noise
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt() if eta > 0 else 0.0
+    # "direction pointing to x_t": the part of the noise we keep, √(1-ᾱ_prev-σ²) · ε_θ
+    dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
+    # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
+    return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+@torch.no_grad()
+def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is exactly DDPM."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T, spacing)
+    one = torch.ones((), device=x_T.device)
+    x = x_T
+    for i, t in enumerate(tqdm(timesteps, desc=f"DDIM {steps} steps", disable=not progress, leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        # ᾱ of the next (lower) timestep; after the last one we land on x_0 itself, where ᾱ = 1
+        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+    return x
+
+
+@torch.no_grad()
+def invert_ddim(model, sched, x0, steps, spacing="uniform", bf16=False):
+    """DDIM inversion: run the deterministic (η=0) update backwards, x_0 -> x_T. Possible only because η=0
+    makes sampling a deterministic ODE: every digit has "its" noise. Approximation: ε_θ is evaluated at the
+    next, noisier timestep (we don't know x there yet), which is accurate when steps are small."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T, spacing)[::-1]  # ascending: 0 ... 999
+    x = x0
+    alpha_bar = torch.ones((), device=x0.device)  # x_0 is clean: ᾱ = 1
+    for t in timesteps:
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        # the same update as ddim_step with η=0, with "prev" and "next" swapped
+        x = ddim_step(x, pred_noise, alpha_bar, sched["alpha_bar"][t], 0.0, 0.0)
+        alpha_bar = sched["alpha_bar"][t]
+    return x
+
+
+def npz_path(path, steps, several):
+    """One file per step count when there are several: out.npz -> out_50steps.npz."""
+    if not several:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{steps}steps{ext or '.npz'}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Outputs
+# ----------------------------------------------------------------------------------------------------
+def save_grid(images_uint8, path, nrow=8):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(images_uint8)
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
+    for i, img in enumerate(images_uint8.numpy()):
+        r, c = divmod(i, nrow)
+        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
+    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if any(k < 1 for k in args.steps):
+        fail(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.eta <= 1:
+        fail(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {args.eta}")
+    if args.num_samples < 1:
+        fail(f"--num-samples must be >= 1, got {args.num_samples}")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    T = ckpt["config"]["schedule"]["T"]
+    if any(k > T for k in args.steps):
+        fail(f"--steps can be at most the {T} timesteps the model was trained with, got {args.steps}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | {args.checkpoint}: "
+          f"step {ckpt['step']}, EMA weights | eta {args.eta}, {args.spacing} spacing")
+
+    # The SAME starting noise for every step count, so the figures show the same digits converging.
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    x_T = torch.randn(args.num_samples, 1, 28, 28, generator=generator).to(device)
+    sample_ddim(model, sched, x_T[:2], 2, bf16=bf16, progress=False)  # warm-up, excluded from the timings
+
+    runs = [(k, args.eta, f"DDIM {k} steps (η={args.eta:g})", f"ddim_samples_{k}_steps.png") for k in args.steps]
+    if not args.no_ddpm:
+        runs.append((T, 1.0, f"DDPM {T} steps (ancestral)", f"ddpm_samples_{T}_steps.png"))
+    results = []
+    for steps, eta, name, filename in runs:
+        noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
+        start = time.perf_counter()
+        images = to_uint8(sample_ddim(model, sched, x_T, steps, eta, args.spacing, bf16, noise_gen))
+        seconds = time.perf_counter() - start
+        results.append((name, steps, images, seconds))
+        save_grid(images[:100], os.path.join(args.out_dir, filename), nrow=10 if len(images) > 64 else 8)
+        if args.save_npz and name.startswith("DDIM"):
+            path = npz_path(args.save_npz, steps, len(args.steps) > 1)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            np.savez_compressed(path, images=images.numpy())
+            print(f"wrote {path} ({len(images)} images)")
+
+    # Timing table: seconds per image, and how much faster than the 1000-step ancestral sampler
+    ddpm_seconds = results[-1][3] if not args.no_ddpm else None
+    print(f"\n| sampler | model calls | s per image | speed-up vs DDPM-{T} |\n| --- | ---: | ---: | ---: |")
+    for name, steps, images, seconds in results:
+        speedup = f"{ddpm_seconds / seconds:.1f}x" if ddpm_seconds else "-"
+        print(f"| {name} | {steps} | {seconds / len(images):.4f} | {speedup} |")
+    print(f"({len(x_T)} images per batch on {device}; warm-up excluded)\n")
+
+    save_comparison(results, os.path.join(args.out_dir, "ddim_comparison.png"))
+    if not args.no_inversion:
+        save_inversion(model, sched, args, device, bf16)
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
+
+
+def save_comparison(results, path, columns=10):
+    """Rows = samplers, columns = the same starting noise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = min(columns, len(results[0][2]))
+    fig, axes = plt.subplots(len(results), columns, figsize=(columns, len(results) * 1.1), squeeze=False)
+    for row, (name, steps, images, seconds) in enumerate(results):
+        for col in range(columns):
+            axes[row, col].imshow(images[col].numpy(), cmap="gray", vmin=0, vmax=255)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+        axes[row, 0].set_ylabel(name.split(" (")[0], fontsize=7)
+    fig.suptitle("same starting noise, different samplers", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_inversion(model, sched, args, device, bf16, n=6, steps=100):
+    """original -> DDIM-inverted noise -> reconstruction from that noise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    images, _ = load_mnist(args.data_root, train=False)
+    x0 = to_model_range(images[:n]).to(device)
+    x_T = invert_ddim(model, sched, x0, steps, args.spacing, bf16)
+    recon = sample_ddim(model, sched, x_T, steps, 0.0, args.spacing, bf16, progress=False)
+    error = (recon - x0).abs().mean().item()
+    print(f"DDIM inversion ({steps} steps): mean |reconstruction - original| = {error:.4f} (pixel range -1..1)")
+    fig, axes = plt.subplots(3, n, figsize=(n, 3.3), squeeze=False)
+    for col in range(n):
+        for row, (img, title) in enumerate([(x0, "original"), (x_T, "inverted noise x_T"), (recon, "reconstruction")]):
+            axes[row, col].imshow(img[col, 0].float().cpu().numpy(), cmap="gray",
+                                  vmin=-1 if row != 1 else -3, vmax=1 if row != 1 else 3)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if col == 0:
+                axes[row, 0].set_ylabel(title, fontsize=7)
+    fig.suptitle(f"DDIM inversion, {steps} steps: mean abs error {error:.3f}", fontsize=9)
+    fig.savefig(os.path.join(args.out_dir, "ddim_inversion.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

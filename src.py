@@ -1,0 +1,534 @@
+"""
+Chapter 1 - train a DDPM (Ho et al. 2020) on MNIST from scratch, then draw digits with it.
+
+Usage (copy-paste):
+    python src.py --minutes 10                      # laptop CPU: ten minutes of training, then pictures
+    python src.py                                   # GPU: the full default run (best quality)
+    python src.py --data-root ../shared/data --minutes 10 --out-dir runs/cpu10
+    python src.py --resume                          # continue the run saved in diffusion_model_last.pt
+    python src.py --sample-only --num-samples 64    # draw again from diffusion_model_final.pt
+
+What comes out (in --out-dir):
+    diffusion_model_final.pt    the trained model (+ EMA weights + config); every other chapter loads it
+    diffusion_model_last.pt     a resumable checkpoint, rewritten after every epoch and on Ctrl-C
+    ddpm_samples.png            a grid of digits drawn with the 1000-step ancestral sampler (Algorithm 2)
+    ddpm_denoising_process.png  a few samples, from pure noise (left) to digit (right)
+    ddpm_loss_curve.png         training loss per step
+
+The file reads top to bottom: config -> data -> schedule -> model -> train -> sample -> outputs.
+"""
+import argparse
+import copy
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config: every knob in one place. The model/schedule part is saved into the checkpoint, so the other
+#    scripts can rebuild exactly this network from the file alone.
+# ----------------------------------------------------------------------------------------------------
+FINAL_NAME = "diffusion_model_final.pt"
+LAST_NAME = "diffusion_model_last.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a DDPM on MNIST and sample digits from it.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="folder holding MNIST/raw/ (torchvision layout); downloaded there when online. "
+                        "Env var MNIST_ROOT sets the default")
+    p.add_argument("--out-dir", default=".", help="where checkpoints and pictures go")
+    p.add_argument("--epochs", type=positive_int, default=20, help="passes over the 60k training digits")
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="wall-clock training budget; stops after this many minutes or --epochs, whichever "
+                        "comes first, then still saves and samples")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per training step")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss)")
+    p.add_argument("--base-channels", type=positive_int, default=None,
+                   help="UNet width at 28x28 (doubles, then quadruples, lower down). "
+                        "Default: 16 on CPU (fast), 64 on a GPU (best quality)")
+    p.add_argument("--no-attention", action="store_true", help="drop the self-attention block at 7x7")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help=f"continue training from CKPT (default: OUT_DIR/{LAST_NAME}) at its step count")
+    p.add_argument("--sample-only", action="store_true",
+                   help=f"skip training: load OUT_DIR/{FINAL_NAME} and sample")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="digits in the final grid")
+    p.add_argument("--save-npz", default=None, metavar="PATH",
+                   help="also export the samples: `images` uint8 N x 28 x 28, 0-255")
+    return p.parse_args(argv)
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def positive_float(s):
+    if not float(s) > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return float(s)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+def use_bf16(choice, device):
+    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: all 60k digits fit in memory as one uint8 tensor (47 MB), so batches are plain tensor indexing -
+#    much faster on a 2-core laptop than a DataLoader that decodes one PIL image at a time.
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x):
+    """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    alpha = 1.0 - beta  # α_t = 1 - β_t
+    alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    posterior_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+    # Computed in float64 on the CPU, stored float32 (Apple MPS has no float64).
+    return {name: value.float() for name, value in dict(
+        beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+        posterior_var=posterior_var).items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Model: a compact UNet. Identical copy in every chapter (a test checks), so they all load the same file.
+# ----------------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (as in Transformers): tells every block how noisy x_t is."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between; plus a skip path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # every block knows the noise level
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution (7x7) feature map: global context."""
+
+    def __init__(self, ch, heads=4, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each [b, heads, pixels, c/heads]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = base_channels
+        for i, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, emb_dim)
+        self.mid_attn = SelfAttention(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim)
+        # Up path: mirror image; each level concatenates the skip saved at the same size on the way down.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
+            ch = widths[i]
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up_blocks, self.upsamples):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.head(h)
+
+
+def build_model(config):
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+
+
+def load_checkpoint(path, device):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
+        fail(f"{path} is not a DDPM checkpoint from src.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """Rebuilds the exact UNet from the config stored in the checkpoint and loads its (EMA) weights."""
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training (DDPM Algorithm 1) and sampling (Algorithm 2)
+# ----------------------------------------------------------------------------------------------------
+def q_sample(x0, t, noise, sched):
+    """The forward process in one jump: x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
+    alpha_bar = sched["alpha_bar"][t].view(-1, 1, 1, 1)
+    signal_rate, noise_rate = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return signal_rate * x0 + noise_rate * noise
+
+
+def diffusion_loss(model, x0, sched, min_snr_gamma=5.0):
+    """DDPM Algorithm 1, one step: noise x_0 to a random t, ask the model which noise was added."""
+    T = sched["alpha_bar"].shape[0]
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device)  # t ~ Uniform({1, ..., T})
+    noise = torch.randn_like(x0)  # ε ~ N(0, I)
+    x_t = q_sample(x0, t, noise, sched)
+    pred_noise = model(x_t, t)
+    per_sample = (pred_noise.float() - noise).pow(2).mean(dim=(1, 2, 3))  # ‖ε - ε_θ(x_t, t)‖²
+    if min_snr_gamma > 0:
+        # Min-SNR weighting: nearly-clean steps (huge signal-to-noise ratio) are easy and their gradients
+        # fight the useful noisy steps; capping their weight at γ/SNR makes training converge much faster.
+        snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
+
+
+@torch.no_grad()
+def sample_ddpm(model, sched, n, device, bf16=False, generator=None, snapshot_steps=(), progress=True):
+    """DDPM Algorithm 2 (ancestral sampling): start from pure noise and denoise for all T steps.
+
+    Returns the final images and {t: x_t} for each t in snapshot_steps (the denoising-process figure)."""
+    T = sched["alpha_bar"].shape[0]
+    x = torch.randn(n, 1, 28, 28, device=device, generator=generator)  # x_T ~ N(0, I)
+    snapshots = {}
+    for t in tqdm(reversed(range(T)), total=T, desc="DDPM sampling", disable=not progress, leave=False):
+        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        beta, alpha, alpha_bar = sched["beta"][t], sched["alpha"][t], sched["alpha_bar"][t]
+        # Posterior mean: μ = 1/√α_t · (x_t - β_t/√(1-ᾱ_t) · ε_θ(x_t, t))
+        mean = (x - beta / (1 - alpha_bar).sqrt() * pred_noise) / alpha.sqrt()
+        # x_{t-1} = μ + σ_t z with σ_t² = β̃_t (no noise on the last step, t = 0)
+        z = torch.randn(x.shape, device=device, generator=generator) if t > 0 else torch.zeros_like(x)
+        x = mean + sched["posterior_var"][t].sqrt() * z
+        if t in snapshot_steps:
+            snapshots[t] = x.clone()
+    return x, snapshots
+
+
+class EMA:
+    """Exponential moving average of the weights: a smoother model that samples visibly better."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early on, follow the model closely
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+
+
+def learning_rate(args, step, progress):
+    """Linear warm-up, then cosine decay to 5% of the peak as training `progress` goes 0 -> 1."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(args, config, device, bf16, out_dir):
+    images, _ = load_mnist(args.data_root, train=True)
+    data = to_model_range(images).to(device)  # [60000, 1, 28, 28] in [-1, 1]
+    if len(data) < args.batch_size:
+        fail(f"only {len(data)} training images but --batch-size {args.batch_size}")
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
+    model = build_model(config).to(device)
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | "
+          f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, base width {config['base_channels']}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMA(model, args.ema_decay)
+    steps_per_epoch = len(data) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    step, losses = 0, []
+
+    if args.resume is not None:
+        path = args.resume or os.path.join(out_dir, LAST_NAME)
+        if not os.path.isfile(path):
+            fail(f"--resume: no checkpoint at {path} (a run of src.py writes {LAST_NAME} after each epoch)")
+        ckpt = load_checkpoint(path, device)
+        if ckpt["config"] != config:
+            fail(f"--resume: {path} was trained with another architecture/schedule {ckpt['config']}; "
+                 f"pass the same flags or another --out-dir")
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, losses = ckpt["step"], list(ckpt["losses"])
+        print(f"resumed from {path} at step {step} (epoch {step // steps_per_epoch})")
+
+    def checkpoint():
+        return {"kind": "ddpm", "config": config, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch, "losses": losses}
+
+    budget_s = args.minutes * 60 if args.minutes else float("inf")
+    start = time.time()
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + step)  # batch order, reproducible
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
+    interrupted = False
+    try:
+        while step < total_steps and time.time() - start < budget_s:
+            order = torch.randperm(len(data), generator=generator).to(device)
+            for i in range(steps_per_epoch):
+                elapsed = time.time() - start
+                if step >= total_steps or elapsed >= budget_s:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
+                x0 = data[order[i * args.batch_size:(i + 1) * args.batch_size]]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = diffusion_loss(model, x0, sched, args.min_snr_gamma)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch can't wreck the run
+                optimizer.step()
+                ema.update(model, step)
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}",
+                                    epoch=step // steps_per_epoch, min=f"{elapsed / 60:.1f}")
+            save_atomic(checkpoint(), os.path.join(out_dir, LAST_NAME))  # per-epoch (or budget end) checkpoint
+    except KeyboardInterrupt:
+        interrupted = True
+    bar.close()
+    seconds = time.time() - start
+    save_atomic(checkpoint(), os.path.join(out_dir, LAST_NAME))
+    if interrupted:
+        print(f"\ninterrupted at step {step}: saved {os.path.join(out_dir, LAST_NAME)}; "
+              f"continue with `python src.py --resume --out-dir {out_dir}`")
+        sys.exit(130)
+    print(f"trained {step} steps ({step * args.batch_size / seconds:.0f} img/s over {seconds / 60:.1f} min)")
+    final = checkpoint()
+    del final["optimizer"]  # the final file is for sampling; the resumable state is in LAST_NAME
+    save_atomic(final, os.path.join(out_dir, FINAL_NAME))
+    return ema.model, losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Outputs: sample grid, denoising process, loss curve, optional .npz export
+# ----------------------------------------------------------------------------------------------------
+def save_grid(images_uint8, path, nrow=8):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(images_uint8)
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
+    for i, img in enumerate(images_uint8.numpy()):
+        r, c = divmod(i, nrow)
+        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
+    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+
+
+def save_outputs(model, config, losses, args, device, bf16, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
+    T = sched["alpha_bar"].shape[0]
+    model.eval()
+    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed)
+    snapshot_steps = sorted({int(round(s)) for s in np.linspace(T - 1, 0, 10)}, reverse=True)
+    start = time.time()
+    samples, snapshots = sample_ddpm(model, sched, args.num_samples, device, bf16, generator, snapshot_steps)
+    seconds = time.time() - start
+    print(f"sampled {args.num_samples} digits with {T} DDPM steps in {seconds:.1f}s "
+          f"({args.num_samples / seconds:.2f} img/s)")
+    images = to_uint8(samples)
+    grid = images[:100]
+    save_grid(grid, os.path.join(out_dir, "ddpm_samples.png"), nrow=10 if len(grid) > 64 else 8)
+
+    # Denoising process: rows = 6 samples, columns = x_t from t = T-1 (noise) to t = 0 (digit)
+    n_show = min(6, args.num_samples)
+    fig, axes = plt.subplots(n_show, len(snapshot_steps), figsize=(len(snapshot_steps), n_show), squeeze=False)
+    for col, t in enumerate(snapshot_steps):
+        for row in range(n_show):
+            axes[row, col].imshow(snapshots[t][row, 0].clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+            axes[row, col].axis("off")
+        axes[0, col].set_title(f"t={t}", fontsize=8)
+    fig.suptitle("reverse process: noise -> digit", fontsize=9)
+    fig.savefig(os.path.join(out_dir, "ddpm_denoising_process.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(losses, alpha=0.3, lw=0.5, label="per step")
+        window = min(100, len(losses))
+        ax.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, "valid"),
+                label=f"mean of {window}")
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title="DDPM training loss")
+        ax.legend()
+        fig.savefig(os.path.join(out_dir, "ddpm_loss_curve.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+    if args.save_npz:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
+        np.savez_compressed(args.save_npz, images=images.numpy())
+        print(f"wrote {args.save_npz} ({len(images)} images)")
+    print(f"wrote pictures to {os.path.abspath(out_dir)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not 0 <= args.ema_decay < 1:
+        fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    if not os.access(args.out_dir, os.W_OK):
+        fail(f"--out-dir {args.out_dir} is not writable")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    torch.manual_seed(args.seed)
+
+    if args.sample_only:
+        path = os.path.join(args.out_dir, FINAL_NAME)
+        ckpt = load_checkpoint(path, device)
+        model = model_from_checkpoint(ckpt, path).to(device)
+        save_outputs(model, ckpt["config"], ckpt["losses"], args, device, bf16, args.out_dir)
+        return
+
+    config = {"base_channels": args.base_channels or (16 if device.type == "cpu" else 64),
+              "channel_mults": [1, 2, 4], "attention": not args.no_attention,
+              "schedule": {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}}
+    # Ctrl-C in the middle of a step raises KeyboardInterrupt; train() catches it and saves.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ema_model, losses = train(args, config, device, bf16, args.out_dir)
+    save_outputs(ema_model, config, losses, args, device, bf16, args.out_dir)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,539 @@
+"""
+Chapter 2 - classifier guidance (Dhariwal & Nichol 2021): steer an unconditional DDPM to the digit you ask for.
+
+Usage (copy-paste):
+    python src_cfg.py                               # trains the noisy classifier once (cached), then guided grids
+    python src_cfg.py --digits 0 4 9 --scales 3 8
+    python src_cfg.py --sampler ddpm                # the 1000-step ancestral sampler instead of DDIM-50
+    python src_cfg.py --num-samples 200 --scales 0 3 8 --save-npz guided.npz   # for evaluate.py
+
+"cfg" here means *classifier guidance*: a separate classifier's gradient pushes each sampling step towards a
+class. Classifier-FREE guidance (Ho & Salimans 2022, src_classifier_free.py) needs no classifier at all - it
+trains one conditional model and mixes its conditional and unconditional predictions.
+
+The idea, in plain words. Bayes: log p(x_t | y) = log p(x_t) + log p(y | x_t) + const, so the score of the digits
+*of class y* is the unconditional score plus ∇ log p(y | x_t). The diffusion model gives the first part, since
+ε_θ(x_t, t) = -√(1-ᾱ_t) ∇ log p(x_t). So the guided noise prediction is
+
+    ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇_x log p_φ(y | x_t, t)        (s = guidance scale, s = 1 is plain Bayes)
+
+Two details make it work, and the first version of this script (the seed) had neither:
+  * p_φ must be a classifier of NOISY images x_t that knows t: the sampler only ever shows it noisy x_t, and a
+    classifier trained on clean digits has a meaningless gradient there.
+  * the gradient is scaled by √(1-ᾱ_t), the factor that turns a score into a noise prediction.
+
+What comes out (in --out-dir):
+    noisy_classifier.pt                                   the cached classifier p_φ(y | x_t, t)
+    classifier_guidance_scale_{s}_results/samples_class_{k}.png   a grid per scale and digit
+    classifier_guidance_scale_{s}.png                     overview per scale (rows = digits)
+    classifier_guidance_same_noise.png                    ONE starting noise, guided to each of the ten digits
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+CLASSIFIER_NAME = "noisy_classifier.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Classifier guidance: steer src.py's DDPM to chosen digits.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="made by `python src.py`")
+    p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw")
+    p.add_argument("--scales", type=float, nargs="+", default=[3.0, 8.0],
+                   help="guidance scales s (0 = unguided; larger = more on-class, less varied)")
+    p.add_argument("--num-samples", type=int, default=8, help="samples per digit and scale")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
+                   help="ddim: deterministic DDIM with --steps (default, so a CPU learner is not left waiting); "
+                        "ddpm: the 1000-step ancestral sampler of src.py")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by --sampler ddpm)")
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="MNIST (torchvision layout), to train the noisy classifier; env var MNIST_ROOT")
+    p.add_argument("--classifier", default=None, help=f"classifier cache (default: OUT_DIR/{CLASSIFIER_NAME})")
+    p.add_argument("--retrain-classifier", action="store_true", help="train the noisy classifier again")
+    p.add_argument("--classifier-epochs", type=int, default=4, help="epochs of noisy-classifier training")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the starting noise)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast for the UNet; auto = on for CUDA and for CPUs with native bf16")
+    p.add_argument("--out-dir", default=".", help="where pictures and the classifier cache go")
+    p.add_argument("--save-npz", default=None, metavar="PATH",
+                   help="export samples: `images` uint8 N x 28 x 28 and `labels` = the requested digits; with "
+                        "several --scales one file per scale (PATH_scale3.npz)")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+def use_bf16(choice, device):
+    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: MNIST digits and labels, to train the noisy classifier
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x):
+    """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    alpha = 1.0 - beta  # α_t = 1 - β_t
+    alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    posterior_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+    # Computed in float64 on the CPU, stored float32 (Apple MPS has no float64).
+    return {name: value.float() for name, value in dict(
+        beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+        posterior_var=posterior_var).items()}
+
+
+def q_sample(x0, t, noise, sched):
+    """The forward process in one jump: x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
+    alpha_bar = sched["alpha_bar"][t].view(-1, 1, 1, 1)
+    signal_rate, noise_rate = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return signal_rate * x0 + noise_rate * noise
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Model: a compact UNet. Identical copy in every chapter (a test checks), so they all load the same file.
+# ----------------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (as in Transformers): tells every block how noisy x_t is."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between; plus a skip path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # every block knows the noise level
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution (7x7) feature map: global context."""
+
+    def __init__(self, ch, heads=4, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each [b, heads, pixels, c/heads]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = base_channels
+        for i, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, emb_dim)
+        self.mid_attn = SelfAttention(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim)
+        # Up path: mirror image; each level concatenates the skip saved at the same size on the way down.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
+            ch = widths[i]
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up_blocks, self.upsamples):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.head(h)
+
+
+def build_model(config):
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+
+
+def load_checkpoint(path, device):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
+        fail(f"{path} is not a DDPM checkpoint from src.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """Rebuilds the exact UNet from the config stored in the checkpoint and loads its (EMA) weights."""
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4b. The noisy classifier p_φ(y | x_t, t): the UNet's down path (same ResBlocks, same timestep embedding),
+#     pooled to 10 logits. GroupNorm, not BatchNorm: each sample's gradient must not depend on the others.
+# ----------------------------------------------------------------------------------------------------
+class NoisyClassifier(nn.Module):
+    def __init__(self, base_channels=32, channel_mults=(1, 2, 2)):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        ch = base_channels
+        for width in widths:
+            self.blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(ch, 10))
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, emb)
+            if i < len(self.blocks) - 1:
+                h = F.avg_pool2d(h, 2)  # 28 -> 14 -> 7
+        return self.head(h)
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_classifier(args, sched, device, bf16, path):
+    """Train on exactly what the sampler will show it: q(x_t | x_0) at a random t, with the same schedule."""
+    images, labels = load_mnist(args.data_root, train=True)
+    data, labels = to_model_range(images).to(device), labels.to(device)
+    T = sched["alpha_bar"].shape[0]
+    classifier = NoisyClassifier().to(device)
+    batch = 128
+    steps = args.classifier_epochs * (len(data) // batch)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=0.01)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
+    bar = tqdm(total=steps, desc="training noisy classifier", unit="step")
+    for _ in range(args.classifier_epochs):
+        order = torch.randperm(len(data), device=device)
+        for i in range(len(data) // batch):
+            idx = order[i * batch:(i + 1) * batch]
+            t = torch.randint(0, T, (len(idx),), device=device)
+            x_t = q_sample(data[idx], t, torch.randn_like(data[idx]), sched)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(classifier(x_t, t).float(), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_schedule.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    save_atomic({"kind": "noisy_classifier", "schedule": args.schedule, "model": classifier.state_dict()}, path)
+    print(f"saved {path}")
+    return classifier.eval()
+
+
+def get_classifier(args, sched, device, bf16):
+    """The cached classifier, or a freshly trained one if missing, unreadable, for another schedule, or asked."""
+    path = args.classifier or os.path.join(args.out_dir, CLASSIFIER_NAME)
+    if os.path.isfile(path) and not args.retrain_classifier:
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+            if ckpt.get("kind") != "noisy_classifier" or ckpt["schedule"] != args.schedule:
+                raise ValueError("made for another schedule or by another script")
+            classifier = NoisyClassifier().to(device)
+            classifier.load_state_dict(ckpt["model"])
+            print(f"loaded the noisy classifier from {path}")
+            return classifier.eval()
+        except Exception as e:
+            print(f"{path} can't be used ({type(e).__name__}: {str(e)[:80]}); training it again")
+    return train_classifier(args, sched, device, bf16, path)
+
+
+@torch.no_grad()
+def classifier_accuracy_by_noise(classifier, sched, args, device, timesteps=(0, 250, 500, 750, 999), n=2000):
+    """How well p_φ reads the digit from x_t on MNIST-test: the task gets harder as the noise grows."""
+    images, labels = load_mnist(args.data_root, train=False)
+    x0, labels = to_model_range(images[:n]).to(device), labels[:n].to(device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    accuracies = {}
+    for t in timesteps:
+        t_batch = torch.full((len(x0),), t, device=device, dtype=torch.long)
+        x_t = q_sample(x0, t_batch, torch.randn(x0.shape, generator=generator).to(device), sched)
+        accuracies[t] = (classifier(x_t, t_batch).argmax(1) == labels).float().mean().item()
+    print("noisy classifier, MNIST-test accuracy by noise level: "
+          + "  ".join(f"t={t}: {a:.1%}" for t, a in accuracies.items()))
+    return accuracies
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Guided sampling
+# ----------------------------------------------------------------------------------------------------
+def ddim_timesteps(K, T=1000, spacing="uniform"):
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
+
+    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    if spacing == "uniform":
+        steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
+    else:
+        steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    return steps.tolist()
+
+
+def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
+    """One DDIM update from x_t to x_prev (Song et al. 2021, Eq. 12), written with named terms."""
+    # predicted x_0: undo the forward process with the model's noise, x_0 ≈ (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()
+    # σ_t(η) = η · √((1-ᾱ_prev)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_prev): η=1 gives DDPM's posterior std, η=0 no noise
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt() if eta > 0 else 0.0
+    # "direction pointing to x_t": the part of the noise we keep, √(1-ᾱ_prev-σ²) · ε_θ
+    dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
+    # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
+    return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+def classifier_log_prob_grad(classifier, x, t, y):
+    """∇_x log p_φ(y | x_t, t) for each sample (in float32: gradients are sensitive to rounding)."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(x_in, t), dim=1)
+        chosen = log_probs[torch.arange(len(y)), y].sum()  # samples are independent: the sum's grad is per sample
+        return torch.autograd.grad(chosen, x_in)[0]
+
+
+@torch.no_grad()
+def sample_guided(model, classifier, sched, x_T, y, scale, steps, eta=0.0, bf16=False, generator=None,
+                  progress=True):
+    """DDIM (eta=0, `steps` steps) or DDPM (eta=1, steps=T) with the classifier-guided noise prediction ε̂."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T)
+    one = torch.ones((), device=x_T.device)
+    x = x_T
+    for i, t in enumerate(tqdm(timesteps, desc=f"guided sampling, scale {scale:g}", disable=not progress,
+                               leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        alpha_bar = sched["alpha_bar"][t]
+        if scale != 0:
+            # ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇ log p_φ(y | x_t, t): nudge the noise estimate so that the
+            # step lands where the classifier is more sure of y
+            pred_noise = pred_noise - scale * (1 - alpha_bar).sqrt() * classifier_log_prob_grad(classifier, x, t_batch, y)
+        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Outputs
+# ----------------------------------------------------------------------------------------------------
+def save_grid(images_uint8, path, nrow=8):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(images_uint8)
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
+    for i, img in enumerate(images_uint8.numpy()):
+        r, c = divmod(i, nrow)
+        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
+    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+
+
+def save_rows(rows, row_labels, path, title):
+    """A figure with one labelled row of 28x28 images per entry of `rows` (each uint8 [n, 28, 28])."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = max(len(r) for r in rows)
+    canvas = np.zeros((len(rows) * 30, n * 30), dtype=np.uint8)
+    for i, images in enumerate(rows):
+        for j, img in enumerate(images.numpy()):
+            canvas[i * 30 + 1:i * 30 + 29, j * 30 + 1:j * 30 + 29] = img
+    fig, ax = plt.subplots(figsize=(max(3, n * 0.5), len(rows) * 0.5 + 0.6))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
+    ax.set_yticks([i * 30 + 14 for i in range(len(rows))], row_labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if any(not 0 <= d <= 9 for d in args.digits):
+        fail(f"--digits must be between 0 and 9, got {args.digits}")
+    if any(s < 0 or not math.isfinite(s) for s in args.scales):
+        fail(f"--scales must be >= 0 (0 = unguided), got {args.scales}")
+    if args.num_samples < 1 or args.steps < 1 or args.classifier_epochs < 1:
+        fail("--num-samples, --steps and --classifier-epochs must be >= 1")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    args.schedule = ckpt["config"]["schedule"]
+    T = args.schedule["T"]
+    if args.sampler == "ddim" and args.steps > T:
+        fail(f"--steps can be at most the {T} timesteps the model was trained with, got {args.steps}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**args.schedule).items()}
+    torch.manual_seed(args.seed)
+    classifier = get_classifier(args, sched, device, bf16)
+    classifier_accuracy_by_noise(classifier, sched, args, device)
+
+    steps, eta = (args.steps, 0.0) if args.sampler == "ddim" else (T, 1.0)
+    sampler_name = f"DDIM-{steps}" if args.sampler == "ddim" else f"DDPM-{T}"
+    # The same starting noise for every scale: the figures show what guidance changes, and nothing else.
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    x_T = torch.randn(len(args.digits) * args.num_samples, 1, 28, 28, generator=generator).to(device)
+    y = torch.tensor(args.digits, device=device).repeat_interleave(args.num_samples)
+    for scale in args.scales:
+        noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
+        start = time.perf_counter()
+        images = to_uint8(sample_guided(model, classifier, sched, x_T, y, scale, steps, eta, bf16, noise_gen))
+        seconds = time.perf_counter() - start
+        print(f"scale {scale:g}: {len(images)} guided digits with {sampler_name} in {seconds:.1f}s")
+        folder = os.path.join(args.out_dir, f"classifier_guidance_scale_{scale:g}_results")
+        os.makedirs(folder, exist_ok=True)
+        per_digit = images.view(len(args.digits), args.num_samples, 28, 28)
+        for digit, grid in zip(args.digits, per_digit):
+            save_grid(grid, os.path.join(folder, f"samples_class_{digit}.png"))
+        save_rows(list(per_digit), [str(d) for d in args.digits],
+                  os.path.join(args.out_dir, f"classifier_guidance_scale_{scale:g}.png"),
+                  f"classifier guidance, scale {scale:g}, {sampler_name}")
+        if args.save_npz:
+            path = args.save_npz
+            if len(args.scales) > 1:
+                stem, ext = os.path.splitext(path)
+                path = f"{stem}_scale{scale:g}{ext or '.npz'}"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy())
+            print(f"wrote {path}")
+
+    # One starting noise, guided to each of the ten digits: the classifier decides what the noise becomes.
+    scale = max(args.scales)
+    one_noise = x_T[:1].repeat(10, 1, 1, 1)
+    images = to_uint8(sample_guided(model, classifier, sched, one_noise, torch.arange(10, device=device), scale,
+                                    steps, 0.0, bf16, progress=False))
+    save_rows([images], [""], os.path.join(args.out_dir, "classifier_guidance_same_noise.png"),
+              f"one starting noise guided to 0..9 (scale {scale:g}, {sampler_name}, deterministic)")
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
+
+
+if __name__ == "__main__":
+    main()

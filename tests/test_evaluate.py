@@ -1,0 +1,121 @@
+"""evaluate.py: FID behaves like a distance, accuracy is right on real digits, bad input gets one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from conftest import REAL_MNIST, needs_real_mnist, synthetic_digits
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    args = evaluate.parse_args(["x.npz", "--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "2"])
+    model, ckpt = evaluate.load_classifier(args, CPU)  # trains it (tiny budget) and caches it
+    return model, ckpt, out
+
+
+def fid_of(model, ckpt, images):
+    return evaluate.score(model, ckpt, torch.from_numpy(images), None, CPU)["fid"]
+
+
+def test_fid_of_a_set_against_itself_is_zero(tiny_classifier):
+    model, ckpt, _ = tiny_classifier
+    images, _ = synthetic_digits(500, seed=5)
+    _, feats = evaluate.classify(model, torch.from_numpy(images), CPU)
+    mu, sigma = evaluate.feature_stats(feats)
+    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
+    own = dict(ckpt, test_mu=mu, test_sigma=sigma)
+    assert fid_of(model, own, images) == pytest.approx(0, abs=1e-6)
+
+
+def test_frechet_distance_of_known_gaussians():
+    """1-d check of the formula: (μ1-μ2)² + σ1² + σ2² - 2σ1σ2 = (μ1-μ2)² + (σ1-σ2)²."""
+    d = evaluate.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]]))
+    assert d == pytest.approx(4 + 1)
+
+
+def test_fid_grows_as_images_get_noisier_and_blurrier(tiny_classifier):
+    model, ckpt, _ = tiny_classifier
+    images, _ = synthetic_digits(500, seed=6)
+    _, feats = evaluate.classify(model, torch.from_numpy(images), CPU)
+    mu, sigma = evaluate.feature_stats(feats)
+    ref = dict(ckpt, test_mu=mu, test_sigma=sigma)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(images + rng.normal(0, s, images.shape), 0, 255).astype(np.uint8) for s in (0, 30, 60, 120)]
+    fids = [fid_of(model, ref, x) for x in noisy]
+    assert fids == sorted(fids) and fids[-1] > fids[1] > 0
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(images).float()[:, None], 3, 1, 1)
+    blurred = blurred[:, 0].round().to(torch.uint8).numpy()
+    assert fid_of(model, ref, blurred) > fids[0]
+
+
+def test_labelled_npz_and_png_folder(tiny_classifier, tiny_mnist, tmp_path, capsys):
+    _, _, out = tiny_classifier
+    images, labels = synthetic_digits(40, seed=7)
+    np.savez(tmp_path / "s.npz", images=images, labels=labels)
+    evaluate.main([str(tmp_path / "s.npz"), "--data-root", tiny_mnist, "--out-dir", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 40 and sum(result["class_histogram"]) == 40 and "accuracy_per_digit" in result
+    assert "fid_floor_real_train" in result
+    from PIL import Image
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(images[:12]):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    evaluate.main([str(folder), "--data-root", tiny_mnist, "--out-dir", str(out)])
+    text = capsys.readouterr().out
+    assert "N = 12" in text and "FID" in text and "class histogram" in text
+
+
+def bad(argv):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bad_input(tmp_path):
+    np.savez(tmp_path / "shape.npz", images=np.zeros((4, 32, 32), np.uint8))
+    assert "28 x 28" in bad([str(tmp_path / "shape.npz")])
+    np.savez(tmp_path / "dtype.npz", images=np.zeros((4, 28, 28), np.float32))
+    assert "uint8" in bad([str(tmp_path / "dtype.npz")])
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 28, 28), np.uint8))
+    assert "no images" in bad([str(tmp_path / "empty.npz")])
+    np.savez(tmp_path / "few.npz", images=np.zeros((4, 28, 28), np.uint8))
+    assert "fewer than --n 10" in bad([str(tmp_path / "few.npz"), "--n", "10"])
+    np.savez(tmp_path / "nokey.npz", pictures=np.zeros((4, 28, 28), np.uint8))
+    assert "no `images`" in bad([str(tmp_path / "nokey.npz")])
+    np.savez(tmp_path / "labels.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.array([1, 2, 3, 11]))
+    assert "`labels`" in bad([str(tmp_path / "labels.npz")])
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert "not a readable .npz" in bad([str(tmp_path / "junk.npz")])
+    assert "no such file" in bad([str(tmp_path / "missing.npz")])
+    assert "no .png" in bad([str(tmp_path)])
+
+
+def test_benchmark_times_the_samplers_that_exist(tiny_checkpoint, capsys):
+    evaluate.main(["--benchmark", "--out-dir", str(tiny_checkpoint), "--repeats", "1", "--batch", "2"])
+    table = capsys.readouterr().out
+    assert "| DDPM ancestral, 1000 steps (src.py) |" in table and "1.0x" in table and "torch" in table
+
+
+def test_benchmark_without_checkpoint_says_which_script(tmp_path):
+    assert "run `python src.py` first" in bad(["--benchmark", "--out-dir", str(tmp_path)])
+
+
+@needs_real_mnist
+def test_reference_classifier_reads_real_digits(tmp_path_factory):
+    """On real MNIST: >= 99% test accuracy, and the accuracy path on labelled real digits is >= 0.98."""
+    out = tmp_path_factory.mktemp("real_eval")
+    args = evaluate.parse_args(["x", "--data-root", REAL_MNIST, "--out-dir", str(out)])
+    model, ckpt = evaluate.load_classifier(args, CPU)
+    assert ckpt["test_accuracy"] >= 0.99
+    images, labels = evaluate.load_mnist(REAL_MNIST, train=False)
+    result = evaluate.score(model, ckpt, images[:1000], labels[:1000], CPU)
+    assert result["accuracy"] >= 0.98 and result["fid"] < 1.0

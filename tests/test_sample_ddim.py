@@ -1,0 +1,111 @@
+"""Chapter 3 (sample_ddim.py): the DDIM update against DDPM, determinism, inversion, timesteps, bad input."""
+import numpy as np
+import pytest
+import torch
+
+import sample_ddim
+import src
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    path = str(tiny_checkpoint / "diffusion_model_final.pt")
+    ckpt = sample_ddim.load_checkpoint(path, CPU)  # a checkpoint from src.py loads here
+    model = sample_ddim.model_from_checkpoint(ckpt, path).eval()
+    return model, sample_ddim.ddpm_schedule(**ckpt["config"]["schedule"])
+
+
+@pytest.mark.parametrize("t", [999, 500, 1])
+def test_eta_1_on_all_steps_is_src_ddpm_ancestral_step(tiny_model, t):
+    """σ_t(η=1) = √β̃_t and the DDIM mean equals src.py's posterior mean: DDPM is DDIM with η=1."""
+    model, s = tiny_model
+    torch.manual_seed(0)
+    x, z = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        eps = model(x, torch.full((4,), t))
+    ddim = sample_ddim.ddim_step(x, eps, s["alpha_bar"][t], s["alpha_bar"][t - 1], 1.0, z)
+    mean = (x - s["beta"][t] / (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha"][t].sqrt()  # src.py, Algorithm 2
+    ddpm = mean + s["posterior_var"][t].sqrt() * z
+    assert torch.allclose(ddim, ddpm, atol=1e-4)
+
+
+def test_eta_1_with_all_steps_reproduces_src_sample_ddpm(tiny_model):
+    model, s = tiny_model
+    g = torch.Generator().manual_seed(3)
+    ddpm, _ = src.sample_ddpm(model, s, 2, CPU, generator=g, progress=False)
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(2, 1, 28, 28, generator=g)
+    ddim = sample_ddim.sample_ddim(model, s, x_T, 1000, eta=1.0, generator=g, progress=False)
+    assert torch.allclose(ddim, ddpm, atol=1e-3)
+
+
+def test_eta_0_is_deterministic(tiny_model):
+    model, s = tiny_model
+    x_T = torch.randn(3, 1, 28, 28)
+    a = sample_ddim.sample_ddim(model, s, x_T, 10, progress=False)
+    b = sample_ddim.sample_ddim(model, s, x_T, 10, progress=False, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+    c = sample_ddim.sample_ddim(model, s, x_T, 10, eta=1.0, progress=False)
+    assert not torch.allclose(a, c)
+
+
+def test_inversion_reconstructs_a_sample(tiny_model):
+    """Encode a sample of the model to noise with the ODE and decode it back: small error."""
+    model, s = tiny_model
+    torch.manual_seed(0)
+    x0 = sample_ddim.sample_ddim(model, s, torch.randn(4, 1, 28, 28), 100, progress=False)
+    x_T = sample_ddim.invert_ddim(model, s, x0, 100)
+    assert x_T.std().item() > 0.5  # it really went to noise
+    recon = sample_ddim.sample_ddim(model, s, x_T, 100, progress=False)
+    assert (recon - x0).abs().mean().item() < 0.05
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "trailing"])
+@pytest.mark.parametrize("K", [1, 20, 50, 100, 1000])
+def test_timesteps(K, spacing):
+    steps = sample_ddim.ddim_timesteps(K, 1000, spacing)
+    assert len(steps) == len(set(steps)) == K
+    assert steps[0] == 999 and steps == sorted(steps, reverse=True) and steps[-1] >= 0
+    if spacing == "uniform":
+        assert steps[-1] == 0
+
+
+def test_the_last_step_lands_on_pred_x0(tiny_model):
+    """The final update uses ᾱ_prev = 1, so it returns the model's x_0 prediction (no leftover noise)."""
+    model, s = tiny_model
+    x = torch.randn(2, 1, 28, 28)
+    eps = torch.randn_like(x)
+    out = sample_ddim.ddim_step(x, eps, s["alpha_bar"][19], torch.tensor(1.0), 0.0, 0.0)
+    assert torch.allclose(out, (x - (1 - s["alpha_bar"][19]).sqrt() * eps) / s["alpha_bar"][19].sqrt())
+
+
+def test_cli_writes_grids_npz_and_timing(tiny_checkpoint, tiny_mnist, tmp_path, capsys):
+    sample_ddim.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--steps", "5", "10",
+                      "--num-samples", "4", "--out-dir", str(tmp_path), "--data-root", tiny_mnist,
+                      "--save-npz", str(tmp_path / "s.npz")])
+    out = capsys.readouterr().out
+    for name in ["ddim_samples_5_steps.png", "ddim_samples_10_steps.png", "ddpm_samples_1000_steps.png",
+                 "ddim_comparison.png", "ddim_inversion.png"]:
+        assert (tmp_path / name).is_file(), name
+    assert np.load(tmp_path / "s_5steps.npz")["images"].shape == (4, 28, 28)
+    assert "speed-up vs DDPM-1000" in out and "DDIM inversion" in out
+
+
+def bad(argv):
+    with pytest.raises(SystemExit) as exc:
+        sample_ddim.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bad_input(tiny_checkpoint, tmp_path):
+    ckpt = str(tiny_checkpoint / "diffusion_model_final.pt")
+    assert "run `python src.py` first" in bad(["--checkpoint", str(tmp_path / "missing.pt")])
+    assert "--steps must be >= 1" in bad(["--checkpoint", ckpt, "--steps", "0"])
+    assert "at most the 1000 timesteps" in bad(["--checkpoint", ckpt, "--steps", "2000"])
+    assert "--eta must be between" in bad(["--checkpoint", ckpt, "--eta", "-1"])
+    torch.save({"kind": "noisy_classifier", "model": {}}, tmp_path / "other.pt")
+    assert "not a DDPM checkpoint" in bad(["--checkpoint", str(tmp_path / "other.pt")])

@@ -1,0 +1,204 @@
+"""Chapter 1 (src.py): schedule maths, UNet, training step, checkpoints, the CLI end to end, bad input."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import src
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(argv):
+    """src.main(argv) for a run that must fail: returns its one-line error message."""
+    with pytest.raises(SystemExit) as exc:
+        src.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+# --- schedule ---------------------------------------------------------------------------------------
+def test_schedule_alpha_bar_is_monotone_and_in_range():
+    s = src.ddpm_schedule()
+    assert s["beta"][0].item() == pytest.approx(1e-4) and s["beta"][-1].item() == pytest.approx(0.02)
+    assert torch.all(s["alpha_bar"][1:] < s["alpha_bar"][:-1])
+    assert 0 < s["alpha_bar"][-1] < 1e-4 < s["alpha_bar"][0] < 1
+    assert torch.allclose(s["alpha_bar"], torch.cumprod(1 - s["beta"].double(), 0).float())
+    assert s["posterior_var"][0] == 0 and torch.all(s["posterior_var"][1:] <= s["beta"][1:])
+
+
+@pytest.mark.parametrize("t", [0, 300, 999])
+def test_q_sample_has_the_moments_of_q_xt_given_x0(t):
+    s = src.ddpm_schedule()
+    x0 = torch.full((20000, 1, 2, 2), 0.7)
+    torch.manual_seed(0)
+    x_t = src.q_sample(x0, torch.full((20000,), t), torch.randn_like(x0), s)
+    a = s["alpha_bar"][t].item()
+    assert x_t.mean().item() == pytest.approx(np.sqrt(a) * 0.7, abs=0.01)
+    assert x_t.var().item() == pytest.approx(1 - a, abs=0.01 + 0.02 * (1 - a))
+
+
+# --- model ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base,attention", [(8, True), (16, False)])
+def test_unet_keeps_the_image_shape(base, attention):
+    model = src.UNet(base, (1, 2, 4), attention)
+    x = torch.randn(3, 1, 28, 28)
+    assert model(x, torch.tensor([0, 500, 999])).shape == x.shape
+
+
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = src.UNet(8)
+    s = src.ddpm_schedule()
+    x0 = torch.rand(16, 1, 28, 28) * 2 - 1
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def loss_at_fixed_noise():
+        torch.manual_seed(1)  # same t and ε every time: only the weights change
+        return src.diffusion_loss(model, x0, s)
+
+    before = loss_at_fixed_noise().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss_at_fixed_noise().backward()
+        opt.step()
+    assert loss_at_fixed_noise().item() < 0.9 * before
+
+
+def test_ddpm_sampler_step_is_algorithm_2():
+    """With a model that always predicts ε=0 and a one-step schedule check: x_{t-1} = x_t/√α_t + σ_t z."""
+    s = src.ddpm_schedule(T=3)
+    zero_model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    out, snaps = src.sample_ddpm(zero_model, s, 2, torch.device("cpu"), generator=g, snapshot_steps=(2, 1, 0),
+                                 progress=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 28, 28, generator=g)
+    for t in (2, 1):
+        x = x / s["alpha"][t].sqrt() + s["posterior_var"][t].sqrt() * torch.randn(x.shape, generator=g)
+        assert torch.allclose(snaps[t], x)
+    assert torch.allclose(out, x / s["alpha"][0].sqrt())
+
+
+# --- checkpoints, resume, the CLI -------------------------------------------------------------------
+def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
+    out = tiny_checkpoint
+    for name in ["diffusion_model_final.pt", "diffusion_model_last.pt", "ddpm_samples.png",
+                 "ddpm_denoising_process.png", "ddpm_loss_curve.png"]:
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp"))
+    ckpt = torch.load(out / "diffusion_model_final.pt", map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "ddpm" and ckpt["step"] == 2 * (256 // 32) and ckpt["epoch"] == 2
+    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"]["T"] == 1000
+    model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
+    assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
+    samples = np.load(out / "samples.npz")["images"]
+    assert samples.shape == (4, 28, 28) and samples.dtype == np.uint8
+
+
+def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
+    common = ["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "64",
+              "--base-channels", "8", "--num-samples", "1"]
+    src.main(common + ["--epochs", "1"])
+    first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
+    assert first["step"] == 4 and len(first["losses"]) == 4
+    src.main(common + ["--epochs", "3", "--resume"])
+    resumed = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
+    assert resumed["step"] == 12 and resumed["losses"][:4] == first["losses"]
+
+
+def test_sample_only_reloads_the_final_checkpoint(tiny_checkpoint, tmp_path):
+    import shutil
+    shutil.copy(tiny_checkpoint / "diffusion_model_final.pt", tmp_path)
+    src.main(["--out-dir", str(tmp_path), "--sample-only", "--num-samples", "3", "--save-npz",
+              str(tmp_path / "again.npz")])
+    assert np.load(tmp_path / "again.npz")["images"].shape == (3, 28, 28)
+
+
+def test_cli_end_to_end_in_a_subprocess(tiny_mnist, tmp_path):
+    """What a learner types, with --minutes as the stop: trains, saves, samples, exits 0."""
+    result = subprocess.run([sys.executable, "src.py", "--data-root", tiny_mnist, "--out-dir", str(tmp_path),
+                             "--minutes", "0.02", "--epochs", "50", "--batch-size", "32", "--base-channels", "8",
+                             "--num-samples", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "diffusion_model_final.pt").is_file()
+    assert "trained" in result.stdout and "img/s" in result.stdout
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "src.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ["--data-root", "--out-dir", "--epochs", "--minutes", "--batch-size", "--lr", "--seed", "--device",
+                 "--resume", "--num-samples", "--save-npz"]:
+        assert flag in result.stdout
+
+
+# --- bad input: one clear line, nothing lost ----------------------------------------------------------
+def test_no_data_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    def offline(self):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(MNIST, "download", offline)
+    message = run_main(["--data-root", str(tmp_path / "empty"), "--out-dir", str(tmp_path), "--epochs", "1"])
+    assert "MNIST not found" in message and "--data-root" in message
+
+
+def test_unwritable_out_dir(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    assert "--out-dir" in run_main(["--out-dir", str(tmp_path / "a_file" / "sub")])
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan"])
+def test_minutes_must_be_positive(minutes, capsys):
+    with pytest.raises(SystemExit):
+        src.main(["--minutes", minutes])
+    assert "--minutes: must be > 0" in capsys.readouterr().err
+
+
+def test_unknown_device_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        src.main(["--device", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint(tiny_mnist, tmp_path):
+    message = run_main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--resume"])
+    assert "no checkpoint" in message and "diffusion_model_last.pt" in message
+
+
+def test_resume_with_another_architecture(tiny_checkpoint, tiny_mnist, tmp_path):
+    message = run_main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", "16",
+                        "--resume", str(tiny_checkpoint / "diffusion_model_last.pt")])
+    assert "another architecture" in message
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "diffusion_model_final.pt").write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in run_main(["--out-dir", str(tmp_path), "--sample-only"])
+
+
+def test_checkpoint_of_another_kind(tmp_path):
+    torch.save({"kind": "mnist_classifier", "model": {}}, tmp_path / "diffusion_model_final.pt")
+    assert "not a DDPM checkpoint" in run_main(["--out-dir", str(tmp_path), "--sample-only"])
+
+
+def test_interrupted_run_saves_a_resumable_checkpoint_and_no_final(tiny_mnist, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = src.diffusion_loss
+
+    def interrupt_on_third_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+    monkeypatch.setattr(src, "diffusion_loss", interrupt_on_third_step)
+    with pytest.raises(SystemExit) as exc:
+        src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "32", "--base-channels", "8"])
+    assert exc.value.code == 130
+    assert torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "diffusion_model_final.pt").exists()

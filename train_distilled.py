@@ -1,0 +1,663 @@
+"""
+Chapter 4 - distillation: squeeze the 1000-step DDPM into a generator that draws a digit in ONE network call.
+
+Usage (copy-paste):
+    python train_distilled.py                       # knowledge distillation: teacher pairs once, then the student
+    python train_distilled.py --method progressive  # progressive distillation: 32 -> 16 -> ... -> 1 steps
+    python train_distilled.py --minutes 10          # a wall-clock budget for the training part
+    python train_distilled.py --sample-only --num-samples 2000 --save-npz onestep.npz   # for evaluate.py
+
+Why the seed's version took days and still looked blurry: each training step ran the 1000-step *stochastic*
+teacher chain, and the student learned to map noised real images to a random target - a regression onto a
+random target can only learn its blurry average. What fixes it:
+  * a *deterministic* teacher (DDIM, η = 0) turns sampling into a function: each noise z has exactly ONE digit
+    x_0 = teacher(z). A function can be learned by plain regression: student(z) ≈ teacher(z), sharp.
+  * the teacher runs with few steps (--teacher-steps), and only once per pair: the pairs are cached on disk.
+  * the student starts as a copy of the teacher's weights (same UNet), so it already knows digit shapes.
+
+Methods:
+  kd           Knowledge distillation (Luhman & Luhman 2021): generate (z, teacher DDIM image) pairs, regress.
+  progressive  Progressive distillation (Salimans & Ho 2022): a student learns to do in ONE DDIM step what the
+               teacher does in TWO; then it becomes the teacher, and the step count halves again, down to 1.
+Both students predict x_0 directly (not the noise): from pure noise, "the noise" is no help to predict, and
+x_0 = (z - √(1-ᾱ)·ε)/√ᾱ would blow every error up by 1/√ᾱ_T ≈ 150.
+
+What comes out (in --out-dir):
+    distill_pairs.pt                    cached (z, x_0) teacher pairs (kd), reused while teacher and settings match
+    distilled_model_final.pt            the one-step student (+ EMA + config); distilled_model_last.pt resumable
+    distilled_comparison.png            the SAME noise: teacher DDIM-K (top) vs student, 1 step (bottom)
+    distilled_samples.png               a grid of one-step digits
+    distilled_loss_curve.png            the training loss
+"""
+import argparse
+import copy
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+FINAL_NAME = "distilled_model_final.pt"
+LAST_NAME = "distilled_model_last.pt"
+PAIRS_NAME = "distill_pairs.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
+    p.add_argument("--method", choices=["kd", "progressive"], default="kd", help="see the top of this file")
+    p.add_argument("--pairs", type=int, default=40000, help="kd: number of cached (noise, teacher image) pairs")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="teacher DDIM steps; kd default 25 (pair generation takes minutes on a CPU), "
+                        "progressive default 32 (a power of 2: it halves down to 1)")
+    p.add_argument("--epochs", type=int, default=15, help="kd: passes over the pairs; progressive: per halving, "
+                   "in units of 60k digits / 4")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget for training (not pair generation); then it still saves and samples")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the student's weights")
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="progressive: MNIST (torchvision layout), noised to train on; env var MNIST_ROOT")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
+    p.add_argument("--out-dir", default=".", help="where the pairs, checkpoints and pictures go")
+    p.add_argument("--resume", action="store_true", help=f"continue training from OUT_DIR/{LAST_NAME}")
+    p.add_argument("--sample-only", action="store_true", help=f"no training: sample from OUT_DIR/{FINAL_NAME}")
+    p.add_argument("--num-samples", type=int, default=64, help="one-step digits to draw at the end")
+    p.add_argument("--save-npz", default=None, metavar="PATH",
+                   help="export the one-step samples: `images` uint8 N x 28 x 28")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+def use_bf16(choice, device):
+    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: MNIST digits (progressive distillation trains on noised real digits)
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x):
+    """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    alpha = 1.0 - beta  # α_t = 1 - β_t
+    alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    posterior_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+    # Computed in float64 on the CPU, stored float32 (Apple MPS has no float64).
+    return {name: value.float() for name, value in dict(
+        beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+        posterior_var=posterior_var).items()}
+
+
+def q_sample(x0, t, noise, sched):
+    """The forward process in one jump: x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
+    alpha_bar = sched["alpha_bar"][t].view(-1, 1, 1, 1)
+    signal_rate, noise_rate = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return signal_rate * x0 + noise_rate * noise
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Model: a compact UNet. Identical copy in every chapter (a test checks), so they all load the same file.
+# ----------------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (as in Transformers): tells every block how noisy x_t is."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between; plus a skip path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # every block knows the noise level
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution (7x7) feature map: global context."""
+
+    def __init__(self, ch, heads=4, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each [b, heads, pixels, c/heads]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = base_channels
+        for i, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, emb_dim)
+        self.mid_attn = SelfAttention(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim)
+        # Up path: mirror image; each level concatenates the skip saved at the same size on the way down.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
+            ch = widths[i]
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up_blocks, self.upsamples):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.head(h)
+
+
+def build_model(config):
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+
+
+def load_checkpoint(path, device):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
+        fail(f"{path} is not a DDPM checkpoint from src.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """Rebuilds the exact UNet from the config stored in the checkpoint and loads its (EMA) weights."""
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Distillation (the teacher's DDIM sampler first)
+# ----------------------------------------------------------------------------------------------------
+def ddim_timesteps(K, T=1000, spacing="uniform"):
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
+
+    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    if spacing == "uniform":
+        steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
+    else:
+        steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    return steps.tolist()
+
+
+def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
+    """One DDIM update from x_t to x_prev (Song et al. 2021, Eq. 12), written with named terms."""
+    # predicted x_0: undo the forward process with the model's noise, x_0 ≈ (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()
+    # σ_t(η) = η · √((1-ᾱ_prev)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_prev): η=1 gives DDPM's posterior std, η=0 no noise
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt() if eta > 0 else 0.0
+    # "direction pointing to x_t": the part of the noise we keep, √(1-ᾱ_prev-σ²) · ε_θ
+    dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
+    # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
+    return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+@torch.no_grad()
+def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is exactly DDPM."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T, spacing)
+    one = torch.ones((), device=x_T.device)
+    x = x_T
+    for i, t in enumerate(tqdm(timesteps, desc=f"DDIM {steps} steps", disable=not progress, leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        # ᾱ of the next (lower) timestep; after the last one we land on x_0 itself, where ᾱ = 1
+        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+    return x
+
+
+class EMA:
+    """Exponential moving average of the weights: a smoother model that samples visibly better."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early on, follow the model closely
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+
+
+def learning_rate(args, step, progress):
+    """Linear warm-up, then cosine decay to 5% of the peak as training `progress` goes 0 -> 1."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def file_fingerprint(path):
+    """A short hash of the teacher file: cached pairs are only reused for the very same teacher."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def pair_noise(n, seed):
+    """The student's inputs z: regenerated from the seed, so the cache stores only the teacher's images."""
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def make_pairs(args, teacher, sched, device, bf16, settings):
+    """(z, x_0 = teacher DDIM(z)) pairs, cached in OUT_DIR/distill_pairs.pt while `settings` match."""
+    path = os.path.join(args.out_dir, PAIRS_NAME)
+    if os.path.isfile(path):
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+            if cache["settings"] == settings:
+                print(f"reusing {path} ({settings['pairs']} pairs, teacher DDIM-{settings['teacher_steps']})")
+                return pair_noise(settings["pairs"], settings["seed"]), cache["x0"].float()
+            print(f"{path} was made by another teacher or settings: generating new pairs")
+        except Exception as e:
+            print(f"{path} is unreadable ({type(e).__name__}): generating new pairs")
+    z = pair_noise(settings["pairs"], settings["seed"])
+    x0 = torch.empty_like(z, dtype=torch.float16)
+    chunk = 500
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(z), chunk), desc=f"teacher pairs (DDIM-{settings['teacher_steps']})", unit="batch"):
+        out = sample_ddim(teacher, sched, z[i:i + chunk].to(device), settings["teacher_steps"], bf16=bf16,
+                          progress=False)
+        x0[i:i + chunk] = out.clamp(-1, 1).cpu().half()
+    seconds = time.perf_counter() - start
+    save_atomic({"settings": settings, "x0": x0}, path)
+    print(f"generated {len(z)} pairs in {seconds / 60:.1f} min, cached in {path}")
+    return z, x0.float()
+
+
+def predict_noise(net, x, t, alpha_bar, predicts, bf16):
+    """ε for a DDIM step, from the ε-predicting teacher or an x_0-predicting student (ε = (x_t - √ᾱ x̂_0)/√(1-ᾱ))."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = net(x, t).float()
+    return out if predicts == "epsilon" else (x - alpha_bar.sqrt() * out) / (1 - alpha_bar).sqrt()
+
+
+@torch.no_grad()
+def progressive_target(teacher, predicts, x_t, t_seq, abar_seq, j, bf16):
+    """The x_0 a student must predict so that ONE DDIM step from τ_j lands where TWO teacher steps land (τ_{j+2}).
+
+    Salimans & Ho 2022, Algorithm 2: with α = √ᾱ, σ = √(1-ᾱ),   x̃_0 = (x'' - (σ''/σ) x_t) / (α'' - (σ''/σ) α)."""
+    x = x_t
+    for k in (0, 1):  # two deterministic teacher steps τ_j -> τ_{j+1} -> τ_{j+2}
+        abar, abar_next = abar_seq[j + k].view(-1, 1, 1, 1), abar_seq[j + k + 1].view(-1, 1, 1, 1)
+        x = ddim_step(x, predict_noise(teacher, x, t_seq[j + k], abar, predicts, bf16), abar, abar_next, 0.0, 0.0)
+    a, a2 = abar_seq[j].view(-1, 1, 1, 1), abar_seq[j + 2].view(-1, 1, 1, 1)
+    ratio = (1 - a2).sqrt() / (1 - a).sqrt()  # σ''/σ
+    return (x - ratio * x_t) / (a2.sqrt() - ratio * a.sqrt())
+
+
+@torch.no_grad()
+def generate(student, sched, z, bf16=False):
+    """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
+    t = torch.full((len(z),), sched["alpha_bar"].shape[0] - 1, device=z.device, dtype=torch.long)
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return student(z, t).float()
+
+
+def train(args, teacher, ckpt_config, sched, device, bf16):
+    """Trains the student; stages = [one kd stage] or the halvings of progressive distillation."""
+    T = sched["alpha_bar"].shape[0]
+    K = args.teacher_steps
+    stages = [K] if args.method == "kd" else [K >> r for r in range(int(math.log2(K)))]  # teacher steps per stage
+    if args.method == "kd":
+        settings = {"teacher": file_fingerprint(args.checkpoint), "teacher_steps": K, "pairs": args.pairs,
+                    "seed": args.seed, "schedule": ckpt_config["schedule"]}
+        z_all, x0_all = make_pairs(args, teacher, sched, device, bf16, settings)
+        z_all, x0_all = z_all.to(device), x0_all.to(device)
+        steps_per_stage = args.epochs * (len(z_all) // args.batch_size)
+    else:
+        images, _ = load_mnist(args.data_root, train=True)
+        data = to_model_range(images).to(device)
+        steps_per_stage = args.epochs * (len(data) // args.batch_size)
+    if steps_per_stage < 1:
+        fail(f"--batch-size {args.batch_size} is larger than the training set")
+
+    student = copy.deepcopy(teacher).train().requires_grad_(True)  # start from the teacher's weights
+    state = {"stage": 0, "step": 0, "losses": [], "teacher_state": None}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMA(student, args.ema_decay)
+    last_path = os.path.join(args.out_dir, LAST_NAME)
+    if args.resume:
+        ckpt = load_distilled(last_path, device)
+        if ckpt["config"]["method"] != args.method or ckpt["config"]["teacher_steps"] != K:
+            fail(f"--resume: {last_path} was trained with --method {ckpt['config']['method']} "
+                 f"--teacher-steps {ckpt['config']['teacher_steps']}; pass the same")
+        student.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {k: ckpt[k] for k in state}
+        if state["teacher_state"] is not None:
+            teacher = copy.deepcopy(teacher)
+            teacher.load_state_dict(state["teacher_state"])
+        print(f"resumed from {last_path}: stage {state['stage'] + 1}/{len(stages)}, step {state['step']}")
+
+    def checkpoint(final=False):
+        config = dict(ckpt_config, method=args.method, teacher_steps=K, predicts="x0")
+        ckpt = {"kind": "distilled", "config": config, "model": student.state_dict(), "ema": ema.model.state_dict(),
+                **state}
+        if final:  # the final file is for sampling; the resumable state stays in LAST_NAME
+            ckpt["teacher_state"] = None
+        else:
+            ckpt["optimizer"] = optimizer.state_dict()
+        return ckpt
+
+    budget_s = args.minutes * 60 if args.minutes else float("inf")
+    start = time.time()
+    interrupted = False
+    try:
+        for stage in range(state["stage"], len(stages)):
+            teacher_predicts = "epsilon" if stage == 0 else "x0"
+            # the teacher's timesteps: DDIM-K's for the first stage, every other one of them for each halving
+            timesteps = ddim_timesteps(K, T)[::2 ** stage]
+            t_seq = torch.tensor(timesteps, device=device)
+            abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1, device=device)])  # ᾱ = 1 after the end
+            deadline = budget_s * (stage + 1) / len(stages)  # each halving gets an equal share of the budget
+            name = "kd" if args.method == "kd" else f"{stages[stage]} -> {stages[stage] // 2} steps"
+            bar = tqdm(total=steps_per_stage, initial=state["step"], desc=f"training student ({name})", unit="step")
+            while state["step"] < steps_per_stage and time.time() - start < deadline:
+                step = state["step"]
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, step, step / steps_per_stage)
+                if args.method == "kd":
+                    idx = torch.randint(0, len(z_all), (args.batch_size,), device=device)
+                    inputs, t = z_all[idx], torch.full((args.batch_size,), T - 1, device=device)
+                    target = x0_all[idx]
+                else:
+                    x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device)]
+                    j = 2 * torch.randint(0, len(timesteps) // 2, (args.batch_size,), device=device)  # student step
+                    t = t_seq[j]
+                    inputs = q_sample(x0, t, torch.randn_like(x0), sched)
+                    target = progressive_target(teacher, teacher_predicts, inputs, t_seq, abar_seq, j, bf16)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.mse_loss(student(inputs, t).float(), target)  # the student predicts x_0
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                optimizer.step()
+                ema.update(student, step)
+                state["step"] += 1
+                state["losses"].append(loss.item())
+                bar.update(1)
+                if state["step"] % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(state['losses'][-100:]):.4f}")
+                if state["step"] % 500 == 0:
+                    save_atomic(checkpoint(), last_path)
+            bar.close()
+            if stage + 1 < len(stages):  # the EMA student becomes the next stage's teacher
+                teacher = copy.deepcopy(ema.model).eval()
+                state.update(stage=stage + 1, step=0, teacher_state=teacher.state_dict())
+                student.load_state_dict(ema.model.state_dict())
+                optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    except KeyboardInterrupt:
+        interrupted = True
+    save_atomic(checkpoint(), last_path)
+    if interrupted:
+        print(f"\ninterrupted: saved {last_path}; continue with `python train_distilled.py --resume` "
+              f"(same --method, --out-dir)")
+        sys.exit(130)
+    seconds = time.time() - start
+    print(f"trained the student for {seconds / 60:.1f} min ({len(state['losses'])} steps)")
+    save_atomic(checkpoint(final=True), os.path.join(args.out_dir, FINAL_NAME))
+    return ema.model.eval(), state["losses"], seconds
+
+
+def load_distilled(path, device):
+    if not os.path.isfile(path):
+        fail(f"no distilled model at {path} - run `python train_distilled.py` first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "distilled":
+        fail(f"{path} is not a distilled model from train_distilled.py")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Outputs
+# ----------------------------------------------------------------------------------------------------
+def save_grid(images_uint8, path, nrow=8):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(images_uint8)
+    rows = math.ceil(n / nrow)
+    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
+    for i, img in enumerate(images_uint8.numpy()):
+        r, c = divmod(i, nrow)
+        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
+    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+
+
+def time_per_image(fn, n, device):
+    """Seconds per image of fn() (one warm-up run excluded)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
+
+
+def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_steps):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    z = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    student_images = to_uint8(generate(student, sched, z, bf16))
+    save_grid(student_images[:100], os.path.join(args.out_dir, "distilled_samples.png"),
+              nrow=10 if len(student_images) > 64 else 8)
+    if args.save_npz:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
+        np.savez_compressed(args.save_npz, images=student_images.numpy())
+        print(f"wrote {args.save_npz} ({len(student_images)} images)")
+
+    # The same noise through the teacher (K DDIM steps) and the student (1 step), and how long each takes
+    n = min(10, args.num_samples)
+    teacher_images = to_uint8(sample_ddim(teacher, sched, z[:n], teacher_steps, bf16=bf16, progress=False))
+    fig, axes = plt.subplots(2, n, figsize=(n, 2.4), squeeze=False)
+    for col in range(n):
+        for row, (images, label) in enumerate([(teacher_images, f"teacher\nDDIM-{teacher_steps}"),
+                                               (student_images, "student\n1 step")]):
+            axes[row, col].imshow(images[col].numpy(), cmap="gray", vmin=0, vmax=255)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if col == 0:
+                axes[row, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle("same noise z: teacher vs one-step student", fontsize=9)
+    fig.savefig(os.path.join(args.out_dir, "distilled_comparison.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    batch = z[:64]
+    student_s = time_per_image(lambda: generate(student, sched, batch, bf16), len(batch), device)
+    teacher_s = time_per_image(lambda: sample_ddim(teacher, sched, batch, teacher_steps, bf16=bf16, progress=False),
+                               len(batch), device)
+    print(f"student: {1 / student_s:.0f} img/s | teacher DDIM-{teacher_steps}: {1 / teacher_s:.1f} img/s | "
+          f"{teacher_s / student_s:.0f}x faster (batch {len(batch)}, {device})")
+
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(losses, lw=0.5)
+        ax.set(xlabel="step", ylabel="MSE to the teacher's x_0", yscale="log", title="student training loss")
+        fig.savefig(os.path.join(args.out_dir, "distilled_loss_curve.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.teacher_steps = args.teacher_steps or (25 if args.method == "kd" else 32)
+    if args.pairs < 1:
+        fail(f"--pairs must be >= 1, got {args.pairs}")
+    if args.method == "progressive" and (args.teacher_steps < 2 or args.teacher_steps & (args.teacher_steps - 1)):
+        fail(f"--method progressive halves the steps down to 1: --teacher-steps must be a power of 2 >= 2, "
+             f"got {args.teacher_steps}")
+    if args.teacher_steps < 1 or args.epochs < 1 or args.batch_size < 1 or args.num_samples < 1:
+        fail("--teacher-steps, --epochs, --batch-size and --num-samples must be >= 1")
+    if args.minutes is not None and not args.minutes > 0:
+        fail(f"--minutes must be > 0, got {args.minutes}")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    torch.manual_seed(args.seed)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    T = ckpt["config"]["schedule"]["T"]
+    if args.teacher_steps > T:
+        fail(f"--teacher-steps can be at most the {T} timesteps the teacher was trained with")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    teacher = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | teacher {args.checkpoint} "
+          f"(step {ckpt['step']}) | method {args.method}, teacher DDIM-{args.teacher_steps}")
+    if args.sample_only:
+        path = os.path.join(args.out_dir, FINAL_NAME)
+        distilled = load_distilled(path, device)
+        student = model_from_checkpoint(distilled, path).to(device).eval()
+        save_outputs(args, student, teacher, sched, device, bf16, distilled["losses"],
+                     distilled["config"]["teacher_steps"])
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    start = time.time()
+    student, losses, train_seconds = train(args, teacher, ckpt["config"], sched, device, bf16)
+    total = time.time() - start
+    print(f"time: teacher pairs / data {(total - train_seconds) / 60:.1f} min + student training "
+          f"{train_seconds / 60:.1f} min = {total / 60:.1f} min")
+    save_outputs(args, student, teacher, sched, device, bf16, losses, args.teacher_steps)
+
+
+if __name__ == "__main__":
+    main()
