@@ -58,6 +58,7 @@ def parse_args(argv=None):
                    help="ddim: deterministic DDIM with --steps (default, so a CPU learner is not left waiting); "
                         "ddpm: the 1000-step ancestral sampler of src.py")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by --sampler ddpm)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per network call when sampling")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="MNIST (torchvision layout), to train the noisy classifier; env var MNIST_ROOT")
     p.add_argument("--classifier", default=None, help=f"classifier cache (default: OUT_DIR/{CLASSIFIER_NAME})")
@@ -429,7 +430,8 @@ def sample_guided(model, classifier, sched, x_T, y, scale, steps, eta=0.0, bf16=
         if scale != 0:
             # ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇ log p_φ(y | x_t, t): nudge the noise estimate so that the
             # step lands where the classifier is more sure of y
-            pred_noise = pred_noise - scale * (1 - alpha_bar).sqrt() * classifier_log_prob_grad(classifier, x, t_batch, y)
+            grad = classifier_log_prob_grad(classifier, x, t_batch, y)
+            pred_noise = pred_noise - scale * (1 - alpha_bar).sqrt() * grad
         alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
         x = ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise)
@@ -477,8 +479,8 @@ def main(argv=None):
         fail(f"--digits must be between 0 and 9, got {args.digits}")
     if any(s < 0 or not math.isfinite(s) for s in args.scales):
         fail(f"--scales must be >= 0 (0 = unguided), got {args.scales}")
-    if args.num_samples < 1 or args.steps < 1 or args.classifier_epochs < 1:
-        fail("--num-samples, --steps and --classifier-epochs must be >= 1")
+    if min(args.num_samples, args.steps, args.classifier_epochs, args.batch_size) < 1:
+        fail("--num-samples, --steps, --classifier-epochs and --batch-size must be >= 1")
     device = pick_device(args.device)
     bf16 = use_bf16(args.bf16, device)
     ckpt = load_checkpoint(args.checkpoint, device)
@@ -505,7 +507,9 @@ def main(argv=None):
     for scale in args.scales:
         noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
         start = time.perf_counter()
-        images = to_uint8(sample_guided(model, classifier, sched, x_T, y, scale, steps, eta, bf16, noise_gen))
+        images = torch.cat([
+            to_uint8(sample_guided(model, classifier, sched, xs, ys, scale, steps, eta, bf16, noise_gen))
+            for xs, ys in zip(x_T.split(args.batch_size), y.split(args.batch_size))])
         seconds = time.perf_counter() - start
         print(f"scale {scale:g}: {len(images)} guided digits with {sampler_name} in {seconds:.1f}s")
         folder = os.path.join(args.out_dir, f"classifier_guidance_scale_{scale:g}_results")

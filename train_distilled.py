@@ -386,7 +386,7 @@ def make_pairs(args, teacher, sched, device, bf16, settings):
             print(f"{path} is unreadable ({type(e).__name__}): generating new pairs")
     z = pair_noise(settings["pairs"], settings["seed"])
     x0 = torch.empty_like(z, dtype=torch.float16)
-    chunk = 500
+    chunk = 256  # images per teacher call: larger batches fall out of a CPU's caches
     start = time.perf_counter()
     for i in tqdm(range(0, len(z), chunk), desc=f"teacher pairs (DDIM-{settings['teacher_steps']})", unit="batch"):
         out = sample_ddim(teacher, sched, z[i:i + chunk].to(device), settings["teacher_steps"], bf16=bf16,

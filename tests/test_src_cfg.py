@@ -1,0 +1,111 @@
+"""Chapter 2 (src_cfg.py): the guidance gradient points the right way, scale 0 is unguided, bad input."""
+import numpy as np
+import pytest
+import torch
+
+import sample_ddim
+import src_cfg
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def guided_setup(tiny_checkpoint, tiny_mnist):
+    path = str(tiny_checkpoint / "diffusion_model_final.pt")
+    ckpt = src_cfg.load_checkpoint(path, CPU)
+    model = src_cfg.model_from_checkpoint(ckpt, path).eval()
+    sched = src_cfg.ddpm_schedule(**ckpt["config"]["schedule"])
+    args = src_cfg.parse_args(["--data-root", tiny_mnist, "--out-dir", str(tiny_checkpoint),
+                               "--classifier-epochs", "15"])
+    args.schedule = ckpt["config"]["schedule"]
+    torch.manual_seed(0)
+    classifier = src_cfg.get_classifier(args, sched, CPU, False)  # trains on the tiny data and caches it
+    return model, classifier, sched
+
+
+def test_classifier_takes_a_batch_of_noisy_images_and_their_timesteps(guided_setup):
+    _, classifier, _ = guided_setup
+    x = torch.randn(4, 1, 28, 28)
+    logits = classifier(x, torch.tensor([0, 10, 500, 999]))
+    assert logits.shape == (4, 10)
+    assert not torch.allclose(classifier(x, torch.full((4,), 0)), classifier(x, torch.full((4,), 999)))
+
+
+def test_the_gradient_raises_log_p_of_the_target_digit(guided_setup):
+    _, classifier, sched = guided_setup
+    torch.manual_seed(1)
+    t = torch.full((20,), 300)
+    x0 = torch.rand(20, 1, 28, 28) * 2 - 1
+    x_t = src_cfg.q_sample(x0, t, torch.randn_like(x0), sched)
+    y = torch.arange(20) % 10
+
+    def log_p(x):
+        return torch.log_softmax(classifier(x, t), 1)[torch.arange(20), y]
+    grad = src_cfg.classifier_log_prob_grad(classifier, x_t, t, y)
+    assert torch.all(log_p(x_t + 0.01 * grad) > log_p(x_t))
+
+
+def test_one_guided_step_moves_towards_the_target_digit(guided_setup):
+    """A guided DDIM step from t=300 lands where the classifier is more sure of y than the unguided step."""
+    model, classifier, sched = guided_setup
+    torch.manual_seed(2)
+    t, t_prev = 300, 250
+    x_t = src_cfg.q_sample(torch.rand(20, 1, 28, 28) * 2 - 1, torch.full((20,), t), torch.randn(20, 1, 28, 28), sched)
+    y = torch.arange(20) % 10
+    t_batch = torch.full((20,), t)
+    with torch.no_grad():
+        eps = model(x_t, t_batch)
+    grad = src_cfg.classifier_log_prob_grad(classifier, x_t, t_batch, y)
+    a, a_prev = sched["alpha_bar"][t], sched["alpha_bar"][t_prev]
+    unguided = src_cfg.ddim_step(x_t, eps, a, a_prev, 0.0, 0.0)
+    guided = src_cfg.ddim_step(x_t, eps - 3.0 * (1 - a).sqrt() * grad, a, a_prev, 0.0, 0.0)
+    log_p = lambda x: torch.log_softmax(classifier(x, torch.full((20,), t_prev)), 1)[torch.arange(20), y]  # noqa
+    assert log_p(guided).mean() > log_p(unguided).mean()
+
+
+def test_scale_0_is_exactly_unguided_sampling(guided_setup):
+    model, classifier, sched = guided_setup
+    x_T = torch.randn(4, 1, 28, 28)
+    guided = src_cfg.sample_guided(model, classifier, sched, x_T, torch.tensor([1, 2, 3, 4]), 0.0, 10, progress=False)
+    plain = sample_ddim.sample_ddim(model, sched, x_T, 10, progress=False)
+    assert torch.equal(guided, plain)
+    nudged = src_cfg.sample_guided(model, classifier, sched, x_T, torch.tensor([1, 2, 3, 4]), 3.0, 10, progress=False)
+    assert not torch.allclose(nudged, plain)
+
+
+def test_cli_end_to_end(guided_setup, tiny_checkpoint, tiny_mnist, tmp_path, capsys):
+    import shutil
+    shutil.copy(tiny_checkpoint / "noisy_classifier.pt", tmp_path)  # the cache from the fixture is reused
+    src_cfg.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--digits", "0", "7",
+                  "--scales", "0", "3", "--num-samples", "2", "--steps", "5", "--data-root", tiny_mnist,
+                  "--out-dir", str(tmp_path), "--save-npz", str(tmp_path / "g.npz")])
+    out = capsys.readouterr().out
+    assert "loaded the noisy classifier" in out and "t=999" in out
+    for name in ["classifier_guidance_scale_3_results/samples_class_7.png", "classifier_guidance_scale_0.png",
+                 "classifier_guidance_scale_3.png", "classifier_guidance_same_noise.png"]:
+        assert (tmp_path / name).is_file(), name
+    npz = np.load(tmp_path / "g_scale3.npz")
+    assert npz["images"].shape == (4, 28, 28) and npz["labels"].tolist() == [0, 0, 7, 7]
+
+
+def test_a_corrupt_classifier_cache_is_retrained(tiny_checkpoint, tiny_mnist, tmp_path, capsys):
+    (tmp_path / "noisy_classifier.pt").write_bytes(b"garbage")
+    src_cfg.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--digits", "3",
+                  "--scales", "1", "--num-samples", "1", "--steps", "2", "--classifier-epochs", "1",
+                  "--data-root", tiny_mnist, "--out-dir", str(tmp_path)])
+    assert "training it again" in capsys.readouterr().out
+    assert torch.load(tmp_path / "noisy_classifier.pt", weights_only=True)["kind"] == "noisy_classifier"
+
+
+def bad(argv):
+    with pytest.raises(SystemExit) as exc:
+        src_cfg.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bad_input(tmp_path):
+    assert "--digits must be between 0 and 9" in bad(["--digits", "10"])
+    assert "--scales must be >= 0" in bad(["--scales", "-1"])
+    assert "run `python src.py` first" in bad(["--checkpoint", str(tmp_path / "missing.pt")])

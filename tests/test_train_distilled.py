@@ -1,0 +1,117 @@
+"""Chapter 4 (train_distilled.py): deterministic cached pairs, the student learns, progressive targets, bad input."""
+import numpy as np
+import pytest
+import torch
+
+import train_distilled as td
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_checkpoint):
+    path = str(tiny_checkpoint / "diffusion_model_final.pt")
+    ckpt = td.load_checkpoint(path, CPU)
+    return td.model_from_checkpoint(ckpt, path).eval(), td.ddpm_schedule(**ckpt["config"]["schedule"]), path
+
+
+def pair_args(out_dir, *extra):
+    return td.parse_args(["--out-dir", str(out_dir), "--pairs", "8", "--teacher-steps", "3", *extra])
+
+
+def test_pairs_are_deterministic_and_cached_per_teacher(teacher, tmp_path, capsys):
+    model, sched, path = teacher
+    settings = {"teacher": td.file_fingerprint(path), "teacher_steps": 3, "pairs": 8, "seed": 0}
+    z1, x1 = td.make_pairs(pair_args(tmp_path / "a"), model, sched, CPU, False, settings)
+    z2, x2 = td.make_pairs(pair_args(tmp_path / "b"), model, sched, CPU, False, settings)
+    assert torch.equal(z1, z2) and torch.equal(x1, x2)  # same z -> same x_0, computed twice
+    capsys.readouterr()
+    _, x3 = td.make_pairs(pair_args(tmp_path / "a"), model, sched, CPU, False, settings)
+    assert "reusing" in capsys.readouterr().out and torch.equal(x1, x3)
+    other = dict(settings, teacher="another-teacher")
+    torch.save({"settings": other, "x0": torch.zeros(8, 1, 28, 28).half()}, tmp_path / "a" / td.PAIRS_NAME)
+    _, x4 = td.make_pairs(pair_args(tmp_path / "a"), model, sched, CPU, False, settings)
+    assert "another teacher or settings" in capsys.readouterr().out and torch.equal(x1, x4)
+
+
+def test_a_few_student_steps_lower_the_loss(teacher):
+    import copy
+    model, sched, _ = teacher
+    student = copy.deepcopy(model).train().requires_grad_(True)
+    z = td.pair_noise(16, 0)
+    target = td.sample_ddim(model, sched, z, 3, progress=False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+
+    def loss_with_grad():  # the student's one step from z (t = T-1) against the teacher's image
+        return torch.nn.functional.mse_loss(student(z, torch.full((16,), 999)), target)
+    before = loss_with_grad().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss_with_grad().backward()
+        opt.step()
+    assert loss_with_grad().item() < 0.8 * before
+
+
+@pytest.mark.parametrize("j,predicts", [(0, "epsilon"), (2, "epsilon"), (2, "x0")])
+def test_progressive_target_makes_one_step_equal_two_teacher_steps(teacher, j, predicts):
+    model, sched, _ = teacher
+    timesteps = td.ddim_timesteps(4)  # teacher: 4 steps, student: 2
+    t_seq = torch.tensor(timesteps)
+    abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1)])
+    torch.manual_seed(0)
+    x_t = torch.randn(3, 1, 28, 28)
+    jj = torch.full((3,), j)
+    target = td.progressive_target(model, predicts, x_t, t_seq, abar_seq, jj, False)
+    x = x_t  # two teacher DDIM steps, written out
+    for k in (0, 1):
+        a, a_next = abar_seq[j + k], abar_seq[j + k + 1]
+        eps = td.predict_noise(model, x, t_seq[jj + k], a, predicts, False)
+        x = td.ddim_step(x, eps, a, a_next, 0.0, 0.0)
+    a, a2 = abar_seq[j], abar_seq[j + 2]
+    implied_eps = (x_t - a.sqrt() * target) / (1 - a).sqrt()  # a student predicting x_0 = target...
+    one_step = td.ddim_step(x_t, implied_eps, a, a2, 0.0, 0.0)  # ...takes ONE step
+    assert torch.allclose(one_step, x, atol=1e-4)
+
+
+def test_kd_end_to_end_resume_and_sample_only(tiny_checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
+              "--pairs", "64", "--teacher-steps", "2", "--batch-size", "32", "--num-samples", "4"]
+    td.main(common + ["--epochs", "1"])
+    assert torch.load(tmp_path / td.LAST_NAME, weights_only=True)["step"] == 2
+    td.main(common + ["--epochs", "3", "--resume", "--save-npz", str(tmp_path / "one.npz")])
+    final = torch.load(tmp_path / td.FINAL_NAME, weights_only=True)
+    assert final["step"] == 6 and final["config"]["method"] == "kd" and "optimizer" not in final
+    assert np.load(tmp_path / "one.npz")["images"].shape == (4, 28, 28)
+    for name in ["distilled_comparison.png", "distilled_samples.png", "distilled_loss_curve.png", td.PAIRS_NAME]:
+        assert (tmp_path / name).is_file(), name
+    out = capsys.readouterr().out
+    assert "reusing" in out and "faster" in out
+    td.main(common + ["--sample-only"])
+
+
+def test_progressive_end_to_end(tiny_checkpoint, tiny_mnist, tmp_path):
+    td.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
+             "--method", "progressive", "--teacher-steps", "4", "--epochs", "1", "--batch-size", "64",
+             "--data-root", tiny_mnist, "--num-samples", "2"])
+    final = torch.load(tmp_path / td.FINAL_NAME, weights_only=True)
+    assert final["config"]["method"] == "progressive" and final["stage"] == 1  # stages 4->2, 2->1
+
+
+def bad(argv):
+    with pytest.raises(SystemExit) as exc:
+        td.main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bad_input(tiny_checkpoint, tmp_path, capsys):
+    assert "run `python src.py` first" in bad(["--checkpoint", str(tmp_path / "missing.pt")])
+    assert "--pairs must be >= 1" in bad(["--pairs", "0"])
+    assert "power of 2" in bad(["--method", "progressive", "--teacher-steps", "6"])
+    assert "run `python train_distilled.py` first" in bad(
+        ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
+         "--sample-only"])
+    with pytest.raises(SystemExit):
+        td.main(["--method", "foo"])
+    assert "invalid choice: 'foo'" in capsys.readouterr().err
