@@ -4,6 +4,10 @@ import struct
 
 import numpy as np
 import pytest
+import torch
+
+# The tests use tiny models: one thread is as fast, and it keeps a second job on a 2-core machine responsive.
+torch.set_num_threads(1)
 
 REAL_MNIST = os.environ.get("MNIST_ROOT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 HAVE_REAL_MNIST = os.path.isfile(os.path.join(REAL_MNIST, "MNIST", "raw", "train-images-idx3-ubyte"))
@@ -40,9 +44,9 @@ def tiny_mnist(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_mnist, tmp_path_factory):
-    """A DDPM checkpoint from a real (tiny) run of src.py: 2 epochs of a width-8 UNet on the tiny data."""
+    """A DDPM checkpoint from a real (tiny) run of src.py: 200 steps of a width-8 UNet on the tiny data."""
     import src
     out = tmp_path_factory.mktemp("src_run")
-    src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "2", "--batch-size", "32",
+    src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "25", "--batch-size", "32", "--lr", "5e-3",
               "--base-channels", "8", "--num-samples", "4", "--save-npz", str(out / "samples.npz")])
     return out

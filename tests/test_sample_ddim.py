@@ -5,6 +5,7 @@ import torch
 
 import sample_ddim
 import src
+from conftest import synthetic_digits
 
 CPU = torch.device("cpu")
 
@@ -38,7 +39,7 @@ def test_eta_1_with_all_steps_reproduces_src_sample_ddpm(tiny_model):
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(2, 1, 28, 28, generator=g)
     ddim = sample_ddim.sample_ddim(model, s, x_T, 1000, eta=1.0, generator=g, progress=False)
-    assert torch.allclose(ddim, ddpm, atol=1e-3)
+    assert torch.allclose(ddim, ddpm, rtol=1e-4, atol=1e-3)
 
 
 def test_eta_0_is_deterministic(tiny_model):
@@ -51,13 +52,12 @@ def test_eta_0_is_deterministic(tiny_model):
     assert not torch.allclose(a, c)
 
 
-def test_inversion_reconstructs_a_sample(tiny_model):
-    """Encode a sample of the model to noise with the ODE and decode it back: small error."""
+def test_inversion_encodes_a_digit_to_noise_and_back(tiny_model):
+    """Encode real digits to noise with the deterministic ODE, decode them back: a small error."""
     model, s = tiny_model
-    torch.manual_seed(0)
-    x0 = sample_ddim.sample_ddim(model, s, torch.randn(4, 1, 28, 28), 100, progress=False)
+    x0 = sample_ddim.to_model_range(torch.from_numpy(synthetic_digits(4, seed=3)[0]))
     x_T = sample_ddim.invert_ddim(model, s, x0, 100)
-    assert x_T.std().item() > 0.5  # it really went to noise
+    assert 0.7 < x_T.std().item() < 1.3  # it really went to noise
     recon = sample_ddim.sample_ddim(model, s, x_T, 100, progress=False)
     assert (recon - x0).abs().mean().item() < 0.05
 
@@ -68,8 +68,8 @@ def test_timesteps(K, spacing):
     steps = sample_ddim.ddim_timesteps(K, 1000, spacing)
     assert len(steps) == len(set(steps)) == K
     assert steps[0] == 999 and steps == sorted(steps, reverse=True) and steps[-1] >= 0
-    if spacing == "uniform":
-        assert steps[-1] == 0
+    if spacing == "uniform" and K > 1:
+        assert steps[-1] == 0  # (the final step then goes from t=0 to x_0 itself, see the next test)
 
 
 def test_the_last_step_lands_on_pred_x0(tiny_model):

@@ -16,6 +16,7 @@ def teacher(tiny_checkpoint):
 
 
 def pair_args(out_dir, *extra):
+    out_dir.mkdir(exist_ok=True)
     return td.parse_args(["--out-dir", str(out_dir), "--pairs", "8", "--teacher-steps", "3", *extra])
 
 
@@ -39,13 +40,13 @@ def test_a_few_student_steps_lower_the_loss(teacher):
     model, sched, _ = teacher
     student = copy.deepcopy(model).train().requires_grad_(True)
     z = td.pair_noise(16, 0)
-    target = td.sample_ddim(model, sched, z, 3, progress=False)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    target = td.sample_ddim(model, sched, z, 3, progress=False).clamp(-1, 1)  # as make_pairs stores them
+    opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
 
     def loss_with_grad():  # the student's one step from z (t = T-1) against the teacher's image
         return torch.nn.functional.mse_loss(student(z, torch.full((16,), 999)), target)
     before = loss_with_grad().item()
-    for _ in range(5):
+    for _ in range(10):
         opt.zero_grad()
         loss_with_grad().backward()
         opt.step()
