@@ -241,7 +241,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def trunk(self, x, emb):
+        """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""
         h = self.stem(x)
         skips = []
         for block, down in zip(self.down_blocks, self.downsamples):
@@ -394,7 +397,7 @@ def train(args, config, device, bf16, out_dir):
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch, "losses": losses}
 
     budget_s = args.minutes * 60 if args.minutes else float("inf")
-    start = time.time()
+    start, start_step = time.time(), step
     generator = torch.Generator(device="cpu").manual_seed(args.seed + step)  # batch order, reproducible
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
     interrupted = False
@@ -431,7 +434,8 @@ def train(args, config, device, bf16, out_dir):
         print(f"\ninterrupted at step {step}: saved {os.path.join(out_dir, LAST_NAME)}; "
               f"continue with `python src.py --resume --out-dir {out_dir}`")
         sys.exit(130)
-    print(f"trained {step} steps ({step * args.batch_size / seconds:.0f} img/s over {seconds / 60:.1f} min)")
+    print(f"trained {step - start_step} steps in this run, {step} in all "
+          f"({(step - start_step) * args.batch_size / seconds:.0f} img/s over {seconds / 60:.1f} min)")
     final = checkpoint()
     del final["optimizer"]  # the final file is for sampling; the resumable state is in LAST_NAME
     save_atomic(final, os.path.join(out_dir, FINAL_NAME))

@@ -236,7 +236,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def trunk(self, x, emb):
+        """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""
         h = self.stem(x)
         skips = []
         for block, down in zip(self.down_blocks, self.downsamples):

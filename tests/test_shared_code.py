@@ -12,23 +12,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAPTERS = ["sample_ddim", "src_cfg", "train_distilled", "src_classifier_free"]
 SHARED_WITH_SRC = ["ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAttention", "UNet", "build_model",
                    "load_checkpoint", "model_from_checkpoint", "fail", "pick_device", "use_bf16", "load_mnist",
-                   "to_model_range", "to_uint8", "q_sample", "save_atomic", "save_grid"]
-SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step"]
+                   "to_model_range", "to_uint8", "q_sample", "save_atomic", "save_grid", "EMA", "learning_rate",
+                   "positive_int", "positive_float"]
+SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step", "sample_ddim"]
+SHARED_WITH_CFG = ["save_rows"]
+# what each chapter must carry: the model and schedule (to load src.py's checkpoint, or to extend the UNet)
+REQUIRED = ["ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAttention", "UNet", "ddim_step"]
 present = [c for c in CHAPTERS if os.path.isfile(os.path.join(ROOT, f"{c}.py"))]
 
 
 @pytest.mark.parametrize("chapter", present)
 def test_shared_code_is_identical_to_the_original(chapter):
     module = importlib.import_module(chapter)
-    ddim = importlib.import_module("sample_ddim")
+    groups = [(src, SHARED_WITH_SRC), (importlib.import_module("sample_ddim"), SHARED_WITH_DDIM),
+              (importlib.import_module("src_cfg"), SHARED_WITH_CFG)]
     compared = 0
-    for originals, names in [(src, SHARED_WITH_SRC), (ddim, SHARED_WITH_DDIM)]:
+    for original, names in groups:
         for name in names:
-            if hasattr(module, name) and module is not originals:
-                assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(originals, name)), \
-                    f"{chapter}.{name} differs from {originals.__name__}.{name}"
+            if hasattr(module, name) and module is not original:
+                assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(original, name)), \
+                    f"{chapter}.{name} differs from {original.__name__}.{name}"
                 compared += 1
-    # every chapter that loads src.py's checkpoint carries the whole model and schedule
-    for name in ["ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAttention", "UNet", "build_model"]:
+    for name in REQUIRED:
         assert hasattr(module, name), f"{chapter} lacks its copy of {name}"
-    assert compared >= 8
+    assert compared >= 12
+
+
+def test_the_conditional_unet_extends_the_shared_one():
+    import src_classifier_free as cf
+    assert issubclass(cf.ConditionalUNet, cf.UNet)
+    assert inspect.getsource(cf.UNet) == inspect.getsource(src.UNet)

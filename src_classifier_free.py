@@ -1,0 +1,554 @@
+"""
+Chapter 5 - classifier-FREE guidance (Ho & Salimans 2022): one conditional model, no classifier.
+
+Usage (copy-paste):
+    python src_classifier_free.py --minutes 10          # trains a class-conditional DDPM, then guided grids
+    python src_classifier_free.py --sample-only --weights 0 1 3 5
+    python src_classifier_free.py --sample-only --num-samples 200 --weights 3 --save-npz cf.npz   # evaluate.py
+
+Chapter 2 (src_cfg.py) steered an unconditional model with the gradient of a separate noisy classifier. Here the
+model itself gets the label: ε_θ(x_t, t, y). During training the label is replaced by a "null" class with
+probability p_uncond (10%), so the SAME network also learns the unconditional ε_θ(x_t, t, ∅). At sampling time
+
+    ε̂ = ε_θ(x_t, t, ∅) + w · (ε_θ(x_t, t, y) - ε_θ(x_t, t, ∅))
+
+Convention: w is the weight on the conditional direction, so w = 0 is the unconditional model, w = 1 the plain
+conditional model, and w > 1 extrapolates past it (more on-class, less varied). The paper writes the same
+thing as (1 + w')·ε(y) - w'·ε(∅), i.e. its w' = our w - 1: a "guidance 0" there is our w = 1. Mixing up the two is
+the most common guidance bug. Both branches run in ONE batched forward pass (the batch is doubled).
+
+What comes out (in --out-dir):
+    classifier_free_model_final.pt          the conditional model (+ EMA + config); ..._last.pt is resumable
+    classifier_free_weight_{w}.png          overview per guidance weight (rows = digits)
+    classifier_free_same_noise.png          ONE starting noise, asked for each of the ten digits
+"""
+import argparse
+import copy
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+FINAL_NAME = "classifier_free_model_final.pt"
+LAST_NAME = "classifier_free_model_last.pt"
+NULL_CLASS = 10  # the label that means "no label": index 10 of the class embedding
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Classifier-free guidance: train a conditional DDPM on MNIST, sample.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="folder holding MNIST/raw/ (torchvision layout); env var MNIST_ROOT")
+    p.add_argument("--out-dir", default=".", help="where checkpoints and pictures go")
+    p.add_argument("--epochs", type=positive_int, default=20, help="passes over the 60k training digits")
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="wall-clock training budget; then it still saves and samples")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per training (and sampling) step")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting, as in src.py")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label in training")
+    p.add_argument("--base-channels", type=positive_int, default=None,
+                   help="UNet width at 28x28; default 16 on CPU, 64 on a GPU (as src.py)")
+    p.add_argument("--no-attention", action="store_true", help="drop the self-attention block at 7x7")
+    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 3.0],
+                   help="guidance weights w to sample with (0 = unconditional, 1 = conditional)")
+    p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw")
+    p.add_argument("--num-samples", type=positive_int, default=8, help="samples per digit and weight")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
+                   help="ddim: deterministic DDIM with --steps (default); ddpm: 1000-step ancestral sampling")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--resume", action="store_true", help=f"continue training from OUT_DIR/{LAST_NAME}")
+    p.add_argument("--sample-only", action="store_true", help=f"skip training: sample from OUT_DIR/{FINAL_NAME}")
+    p.add_argument("--save-npz", default=None, metavar="PATH",
+                   help="export `images` uint8 N x 28 x 28 and `labels`; one file per weight if several "
+                        "(PATH_w3.npz)")
+    return p.parse_args(argv)
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def positive_float(s):
+    if not float(s) > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return float(s)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+def use_bf16(choice, device):
+    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: MNIST digits and their labels
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x):
+    """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    alpha = 1.0 - beta  # α_t = 1 - β_t
+    alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    posterior_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+    # Computed in float64 on the CPU, stored float32 (Apple MPS has no float64).
+    return {name: value.float() for name, value in dict(
+        beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+        posterior_var=posterior_var).items()}
+
+
+def q_sample(x0, t, noise, sched):
+    """The forward process in one jump: x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
+    alpha_bar = sched["alpha_bar"][t].view(-1, 1, 1, 1)
+    signal_rate, noise_rate = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return signal_rate * x0 + noise_rate * noise
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Model: a compact UNet. Identical copy in every chapter (a test checks), so they all load the same file.
+# ----------------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (as in Transformers): tells every block how noisy x_t is."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between; plus a skip path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # every block knows the noise level
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution (7x7) feature map: global context."""
+
+    def __init__(self, ch, heads=4, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each [b, heads, pixels, c/heads]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = base_channels
+        for i, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, emb_dim)
+        self.mid_attn = SelfAttention(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim)
+        # Up path: mirror image; each level concatenates the skip saved at the same size on the way down.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
+            ch = widths[i]
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def trunk(self, x, emb):
+        """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up_blocks, self.upsamples):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.head(h)
+
+
+class ConditionalUNet(UNet):
+    """ε_θ(x_t, t, y): the same UNet, plus a learned embedding per label (10 digits + the null class) that is
+    added to the timestep embedding - so every ResBlock knows both the noise level and the digit."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__(base_channels, channel_mults, attention)
+        self.class_emb = nn.Embedding(NULL_CLASS + 1, 4 * base_channels)
+
+    def forward(self, x, t, y):
+        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)) + self.class_emb(y))
+
+
+def build_conditional_model(config):
+    return ConditionalUNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+
+
+def load_conditional(path, device):
+    """The trained conditional model (EMA weights) and its checkpoint; one clear line if it can't."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path} - run `python src_classifier_free.py` first to train it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier_free":
+        fail(f"{path} is not a model from src_classifier_free.py")
+    model = build_conditional_model(ckpt["config"])
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training (DDPM Algorithm 1 with label dropout) and guided sampling
+# ----------------------------------------------------------------------------------------------------
+def ddim_timesteps(K, T=1000, spacing="uniform"):
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
+
+    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    if spacing == "uniform":
+        steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
+    else:
+        steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    return steps.tolist()
+
+
+def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
+    """One DDIM update from x_t to x_prev (Song et al. 2021, Eq. 12), written with named terms."""
+    # predicted x_0: undo the forward process with the model's noise, x_0 ≈ (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()
+    # σ_t(η) = η · √((1-ᾱ_prev)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_prev): η=1 gives DDPM's posterior std, η=0 no noise
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt() if eta > 0 else 0.0
+    # "direction pointing to x_t": the part of the noise we keep, √(1-ᾱ_prev-σ²) · ε_θ
+    dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
+    # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
+    return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+class EMA:
+    """Exponential moving average of the weights: a smoother model that samples visibly better."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early on, follow the model closely
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+
+
+def learning_rate(args, step, progress):
+    """Linear warm-up, then cosine decay to 5% of the peak as training `progress` goes 0 -> 1."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def drop_labels(y, p_uncond):
+    """Replace each label by the null class with probability p_uncond: the model also learns p(x)."""
+    drop = torch.rand(y.shape, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
+
+
+def conditional_loss(model, x0, y, sched, min_snr_gamma=5.0):
+    """The DDPM loss ‖ε - ε_θ(x_t, t, y)‖² (min-SNR weighted, as in src.py), now with a label."""
+    T = sched["alpha_bar"].shape[0]
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    pred_noise = model(q_sample(x0, t, noise, sched), t, y)
+    per_sample = (pred_noise.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma > 0:
+        snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
+
+
+def guided_noise(model, x, t_batch, y, weight):
+    """ε̂ = ε(x_t, ∅) + w · (ε(x_t, y) - ε(x_t, ∅)), both branches in ONE forward pass of a doubled batch."""
+    null = torch.full_like(y, NULL_CLASS)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([y, null])).float().chunk(2)
+    return uncond + weight * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_guided(model, sched, x_T, y, weight, steps, eta=0.0, bf16=False, generator=None, progress=True):
+    """DDIM (eta=0, `steps` steps) or DDPM (eta=1, steps=T) with the classifier-free guided ε̂."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T)
+    one = torch.ones((), device=x_T.device)
+    x = x_T
+    for i, t in enumerate(tqdm(timesteps, desc=f"sampling, w={weight:g}", disable=not progress, leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = guided_noise(model, x, t_batch, y, weight)
+        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+    return x
+
+
+def train(args, config, device, bf16):
+    images, labels = load_mnist(args.data_root, train=True)
+    data, labels = to_model_range(images).to(device), labels.to(device)
+    if len(data) < args.batch_size:
+        fail(f"only {len(data)} training images but --batch-size {args.batch_size}")
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
+    model = build_conditional_model(config).to(device)
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | conditional UNet "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | p_uncond {args.p_uncond}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMA(model, args.ema_decay)
+    steps_per_epoch = len(data) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    step, losses = 0, []
+    last_path = os.path.join(args.out_dir, LAST_NAME)
+    if args.resume:
+        _, ckpt = load_conditional(last_path, device)
+        if ckpt["config"] != config:
+            fail(f"--resume: {last_path} was trained with another config {ckpt['config']}; pass the same flags")
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, losses = ckpt["step"], list(ckpt["losses"])
+        print(f"resumed from {last_path} at step {step}")
+
+    def checkpoint():
+        return {"kind": "classifier_free", "config": config, "model": model.state_dict(),
+                "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses}
+
+    budget_s = args.minutes * 60 if args.minutes else float("inf")
+    start, start_step = time.time(), step
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + step)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
+    try:
+        while step < total_steps and time.time() - start < budget_s:
+            order = torch.randperm(len(data), generator=generator).to(device)
+            for i in range(steps_per_epoch):
+                elapsed = time.time() - start
+                if step >= total_steps or elapsed >= budget_s:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
+                idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = conditional_loss(model, data[idx], drop_labels(labels[idx], args.p_uncond), sched,
+                                            args.min_snr_gamma)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                ema.update(model, step)
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", min=f"{elapsed / 60:.1f}")
+            save_atomic(checkpoint(), last_path)
+    except KeyboardInterrupt:
+        save_atomic(checkpoint(), last_path)
+        print(f"\ninterrupted at step {step}: saved {last_path}; continue with --resume")
+        sys.exit(130)
+    bar.close()
+    seconds = time.time() - start
+    print(f"trained {step - start_step} steps in {seconds / 60:.1f} min "
+          f"({(step - start_step) * args.batch_size / seconds:.0f} img/s)")
+    final = checkpoint()
+    del final["optimizer"]
+    save_atomic(final, os.path.join(args.out_dir, FINAL_NAME))
+    return ema.model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Outputs
+# ----------------------------------------------------------------------------------------------------
+def save_rows(rows, row_labels, path, title):
+    """A figure with one labelled row of 28x28 images per entry of `rows` (each uint8 [n, 28, 28])."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = max(len(r) for r in rows)
+    canvas = np.zeros((len(rows) * 30, n * 30), dtype=np.uint8)
+    for i, images in enumerate(rows):
+        for j, img in enumerate(images.numpy()):
+            canvas[i * 30 + 1:i * 30 + 29, j * 30 + 1:j * 30 + 29] = img
+    fig, ax = plt.subplots(figsize=(max(3, n * 0.5), len(rows) * 0.5 + 0.6))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
+    ax.set_yticks([i * 30 + 14 for i in range(len(rows))], row_labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if any(not 0 <= d <= 9 for d in args.digits):
+        fail(f"--digits must be between 0 and 9, got {args.digits}")
+    if any(w < 0 or not math.isfinite(w) for w in args.weights):
+        fail(f"--weights must be >= 0 (0 = unconditional, 1 = conditional), got {args.weights}")
+    if not 0 <= args.p_uncond < 1:
+        fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    torch.manual_seed(args.seed)
+    if args.sample_only:
+        model, ckpt = load_conditional(os.path.join(args.out_dir, FINAL_NAME), device)
+        config = ckpt["config"]
+    else:
+        config = {"base_channels": args.base_channels or (16 if device.type == "cpu" else 64),
+                  "channel_mults": [1, 2, 4], "attention": not args.no_attention,
+                  "schedule": {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}, "p_uncond": args.p_uncond}
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        model = train(args, config, device, bf16)
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
+    T = config["schedule"]["T"]
+    steps, eta = (args.steps, 0.0) if args.sampler == "ddim" else (T, 1.0)
+    sampler_name = f"DDIM-{steps}" if args.sampler == "ddim" else f"DDPM-{T}"
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    x_T = torch.randn(len(args.digits) * args.num_samples, 1, 28, 28, generator=generator).to(device)
+    y = torch.tensor(args.digits, device=device).repeat_interleave(args.num_samples)
+    for weight in args.weights:
+        noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
+        start = time.perf_counter()
+        images = torch.cat([to_uint8(sample_guided(model, sched, xs, ys, weight, steps, eta, bf16, noise_gen))
+                            for xs, ys in zip(x_T.split(args.batch_size), y.split(args.batch_size))])
+        print(f"w = {weight:g}: {len(images)} digits with {sampler_name} in {time.perf_counter() - start:.1f}s")
+        per_digit = images.view(len(args.digits), args.num_samples, 28, 28)
+        save_rows(list(per_digit), [str(d) for d in args.digits],
+                  os.path.join(args.out_dir, f"classifier_free_weight_{weight:g}.png"),
+                  f"classifier-free guidance, w = {weight:g}, {sampler_name}")
+        if args.save_npz:
+            path = args.save_npz
+            if len(args.weights) > 1:
+                stem, ext = os.path.splitext(path)
+                path = f"{stem}_w{weight:g}{ext or '.npz'}"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy())
+            print(f"wrote {path}")
+    # One starting noise, asked for each of the ten digits
+    weight = max(args.weights)
+    images = to_uint8(sample_guided(model, sched, x_T[:1].repeat(10, 1, 1, 1), torch.arange(10, device=device),
+                                    weight, steps, 0.0, bf16, progress=False))
+    save_rows([images], [""], os.path.join(args.out_dir, "classifier_free_same_noise.png"),
+              f"one starting noise, labels 0..9 (w = {weight:g}, {sampler_name}, deterministic)")
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
+
+
+if __name__ == "__main__":
+    main()
