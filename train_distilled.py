@@ -61,8 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-steps", type=int, default=None,
                    help="teacher DDIM steps; kd default 25 (pair generation takes minutes on a CPU), "
                         "progressive default 32 (a power of 2: it halves down to 1)")
-    p.add_argument("--epochs", type=int, default=15, help="kd: passes over the pairs; progressive: per halving, "
-                   "in units of 60k digits / 4")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="kd: passes over the pairs (default 15); progressive: passes over MNIST per halving (default 1)")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-clock budget for training (not pair generation); then it still saves and samples")
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")
@@ -622,6 +622,7 @@ def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_st
 def main(argv=None):
     args = parse_args(argv)
     args.teacher_steps = args.teacher_steps or (25 if args.method == "kd" else 32)
+    args.epochs = args.epochs or (15 if args.method == "kd" else 1)
     if args.pairs < 1:
         fail(f"--pairs must be >= 1, got {args.pairs}")
     if args.method == "progressive" and (args.teacher_steps < 2 or args.teacher_steps & (args.teacher_steps - 1)):

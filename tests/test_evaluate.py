@@ -112,7 +112,7 @@ def test_benchmark_without_checkpoint_says_which_script(tmp_path):
 @needs_real_mnist
 def test_reference_classifier_reads_real_digits(tmp_path_factory):
     """On real MNIST: >= 99% test accuracy, the accuracy path on labelled real digits is >= 0.98, and real test
-    digits score far better than blurred ones."""
+    digits score far better than blurred training digits."""
     out = tmp_path_factory.mktemp("real_eval")
     args = evaluate.parse_args(["x", "--data-root", REAL_MNIST, "--out-dir", str(out), "--classifier-epochs", "2"])
     threads = torch.get_num_threads()
@@ -125,4 +125,4 @@ def test_reference_classifier_reads_real_digits(tmp_path_factory):
     images, labels = evaluate.load_mnist(REAL_MNIST, train=False)
     result = evaluate.score(model, ckpt, images[:1000], labels[:1000], CPU, data_root=REAL_MNIST)
     assert result["accuracy"] >= 0.98
-    assert result["fid"] < 2 * result["fid_floor_real_train"] < result["fid_blurred_real_train"] / 5
+    assert result["fid"] < result["fid_blurred_real_train"] / 5
