@@ -63,7 +63,8 @@ def parse_args(argv=None):
                    help="MNIST (torchvision layout), to train the noisy classifier; env var MNIST_ROOT")
     p.add_argument("--classifier", default=None, help=f"classifier cache (default: OUT_DIR/{CLASSIFIER_NAME})")
     p.add_argument("--retrain-classifier", action="store_true", help="train the noisy classifier again")
-    p.add_argument("--classifier-epochs", type=int, default=4, help="epochs of noisy-classifier training")
+    p.add_argument("--classifier-epochs", type=int, default=8,
+                   help="epochs of noisy-classifier training (a few minutes on a CPU, once: it is cached)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the starting noise)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto picks cuda, then mps, then cpu")

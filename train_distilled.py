@@ -62,7 +62,8 @@ def parse_args(argv=None):
                    help="teacher DDIM steps; kd default 25 (pair generation takes minutes on a CPU), "
                         "progressive default 32 (a power of 2: it halves down to 1)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="kd: passes over the pairs (default 15); progressive: passes over MNIST per halving (default 1)")
+                   help="kd: passes over the pairs (default 15); progressive: passes over MNIST per halving "
+                        "(default 1)")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-clock budget for training (not pair generation); then it still saves and samples")
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")

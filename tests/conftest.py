@@ -14,6 +14,15 @@ HAVE_REAL_MNIST = os.path.isfile(os.path.join(REAL_MNIST, "MNIST", "raw", "train
 needs_real_mnist = pytest.mark.skipif(not HAVE_REAL_MNIST, reason=f"real MNIST not found at {REAL_MNIST}")
 
 
+def one_line_error(main, argv):
+    """Runs a script's main(argv) that must refuse its input; returns the one-line error it exits with."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "\n" not in message  # one clear line, no traceback
+    return message
+
+
 def synthetic_digits(n, seed):
     """n 28x28 uint8 images whose class k is a bright bar at row 3+2k (plus noise): easy to learn, fast."""
     rng = np.random.default_rng(seed)

@@ -1,12 +1,13 @@
 """evaluate.py: FID behaves like a distance, accuracy is right on real digits, bad input gets one line."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_MNIST, needs_real_mnist, one_line_error, synthetic_digits
 
 import evaluate
-from conftest import REAL_MNIST, needs_real_mnist, synthetic_digits
 
 CPU = torch.device("cpu")
 
@@ -72,12 +73,7 @@ def test_labelled_npz_and_png_folder(tiny_classifier, tiny_mnist, tmp_path, caps
     assert "N = 12" in text and "FID" in text and "class histogram" in text
 
 
-def bad(argv):
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+bad = partial(one_line_error, evaluate.main)
 
 
 def test_bad_input(tmp_path):

@@ -1,11 +1,13 @@
 """Chapter 3 (sample_ddim.py): the DDIM update against DDPM, determinism, inversion, timesteps, bad input."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error, synthetic_digits
 
 import sample_ddim
 import src
-from conftest import synthetic_digits
 
 CPU = torch.device("cpu")
 
@@ -93,12 +95,7 @@ def test_cli_writes_grids_npz_and_timing(tiny_checkpoint, tiny_mnist, tmp_path, 
     assert "speed-up vs DDPM-1000" in out and "DDIM inversion" in out
 
 
-def bad(argv):
-    with pytest.raises(SystemExit) as exc:
-        sample_ddim.main(argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+bad = partial(one_line_error, sample_ddim.main)
 
 
 def test_bad_input(tiny_checkpoint, tmp_path):

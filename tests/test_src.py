@@ -2,23 +2,19 @@
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 
 import src
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(argv):
-    """src.main(argv) for a run that must fail: returns its one-line error message."""
-    with pytest.raises(SystemExit) as exc:
-        src.main(argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+run_main = partial(one_line_error, src.main)  # for a run that must fail: its one-line error message
 
 
 # --- schedule ---------------------------------------------------------------------------------------

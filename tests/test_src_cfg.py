@@ -1,7 +1,10 @@
 """Chapter 2 (src_cfg.py): the guidance gradient points the right way, scale 0 is unguided, bad input."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 
 import sample_ddim
 import src_cfg
@@ -97,12 +100,7 @@ def test_a_corrupt_classifier_cache_is_retrained(tiny_checkpoint, tiny_mnist, tm
     assert torch.load(tmp_path / "noisy_classifier.pt", weights_only=True)["kind"] == "noisy_classifier"
 
 
-def bad(argv):
-    with pytest.raises(SystemExit) as exc:
-        src_cfg.main(argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+bad = partial(one_line_error, src_cfg.main)
 
 
 def test_bad_input(tmp_path):

@@ -1,7 +1,10 @@
 """Chapter 5 (src_classifier_free.py): the guidance convention, label dropout, no null-class leak, round trip."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 
 import src_classifier_free as cf
 
@@ -64,12 +67,7 @@ def test_training_run_writes_a_checkpoint_that_round_trips(trained, tmp_path):
     assert npz["images"].shape == (4, 28, 28) and npz["labels"].tolist() == [2, 2, 5, 5]
 
 
-def bad(argv):
-    with pytest.raises(SystemExit) as exc:
-        cf.main(argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+bad = partial(one_line_error, cf.main)
 
 
 def test_bad_input(tmp_path):

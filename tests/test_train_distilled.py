@@ -1,7 +1,10 @@
 """Chapter 4 (train_distilled.py): deterministic cached pairs, the student learns, progressive targets, bad input."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 
 import train_distilled as td
 
@@ -98,12 +101,7 @@ def test_progressive_end_to_end(tiny_checkpoint, tiny_mnist, tmp_path):
     assert final["config"]["method"] == "progressive" and final["stage"] == 1  # stages 4->2, 2->1
 
 
-def bad(argv):
-    with pytest.raises(SystemExit) as exc:
-        td.main(argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+bad = partial(one_line_error, td.main)
 
 
 def test_bad_input(tiny_checkpoint, tmp_path, capsys):
