@@ -23,6 +23,17 @@ def one_line_error(main, argv):
     return message
 
 
+def loss_before_and_after(loss_fn, params, steps, lr=2e-3):
+    """loss_fn() before and after `steps` AdamW steps on it: does training move the loss the right way?"""
+    opt = torch.optim.AdamW(params, lr=lr)
+    before = loss_fn().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    return before, loss_fn().item()
+
+
 def synthetic_digits(n, seed):
     """n 28x28 uint8 images whose class k is a bright bar at row 3+2k (plus noise): easy to learn, fast."""
     rng = np.random.default_rng(seed)
