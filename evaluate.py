@@ -6,6 +6,8 @@ Usage (copy-paste):
     python evaluate.py samples.npz --n 2000 --json      # the same, machine-readable
     python evaluate.py my_pngs/                         # a folder of 28x28 PNGs works too
     python evaluate.py --benchmark                      # images/s of each sampler on this device
+    python evaluate.py guided_scale*.npz cf_w*.npz --tradeoff images/guidance_tradeoff.png
+                                                        # guidance: accuracy vs FID per scale/weight, plot + table
 
 Why not the usual Inception FID? Inception-v3 was trained on 299x299 colour photos (and needs weights from the
 internet); on 28x28 digits its features mean little. We train a small MNIST classifier once instead (about a
@@ -18,7 +20,8 @@ minute or two on a CPU, >= 99% test accuracy) and measure in its feature space:
     agrees. For unlabeled samples: the class histogram (a missing digit = mode collapse) and mean confidence.
 
 Input: an .npz with `images` uint8 [N, 28, 28] (0-255) and optional `labels` int [N] - what every script's
-`--save-npz` writes - or a folder of PNGs.
+`--save-npz` writes - or a folder of PNGs. The guidance chapters' files also carry `guidance` (which method),
+`strength` (its scale or weight) and `seconds` (sampling time): --tradeoff plots those against each other.
 """
 import argparse
 import json
@@ -42,7 +45,7 @@ CLASSIFIER_NAME = "mnist_classifier.pt"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / accuracy of generated MNIST digits, and a sampler benchmark.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("samples", nargs="?", help=".npz from a --save-npz flag, or a folder of 28x28 PNGs")
+    p.add_argument("samples", nargs="*", help=".npz files from a --save-npz flag, or folders of 28x28 PNGs")
     p.add_argument("--n", type=positive_int, default=None,
                    help="use the first N samples (default: all); FID depends on N, so compare at equal N")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
@@ -56,7 +59,10 @@ def parse_args(argv=None):
                    help="time every sampler whose checkpoint exists in OUT_DIR (markdown table)")
     p.add_argument("--repeats", type=positive_int, default=3, help="benchmark: timed runs per sampler (median)")
     p.add_argument("--batch", type=positive_int, default=64, help="benchmark: images per timed run")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--tradeoff", default=None, metavar="PNG",
+                   help="guided sets (src_cfg.py / src_classifier_free.py --save-npz): plot accuracy vs FID per "
+                        "scale/weight to PNG and print a markdown table")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per line) instead of text")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto picks cuda, then mps, then cpu")
@@ -107,8 +113,10 @@ def load_mnist(root, train=True):
 
 
 def load_samples(path, n=None):
-    """Reads an .npz (`images` uint8 [N, 28, 28], optional `labels`) or a folder of PNGs."""
-    labels = None
+    """Reads an .npz (`images` uint8 [N, 28, 28], optional `labels`) or a folder of PNGs.
+
+    Returns (images, labels or None, meta): meta = the guidance chapters' extra fields, when present."""
+    labels, meta = None, {}
     if os.path.isdir(path):
         from PIL import Image
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
@@ -122,6 +130,7 @@ def load_samples(path, n=None):
                     fail(f"{path} has no `images` array (it has: {', '.join(npz.files) or 'nothing'})")
                 images = npz["images"]
                 labels = npz["labels"] if "labels" in npz else None
+                meta = {k: npz[k].item() for k in ("guidance", "strength", "sampler", "seconds") if k in npz}
         except (ValueError, OSError, EOFError) as e:
             fail(f"{path} is not a readable .npz file ({type(e).__name__})")
     else:
@@ -140,7 +149,8 @@ def load_samples(path, n=None):
             fail(f"{path} holds {len(images)} images, fewer than --n {n}")
         images = images[:n]
         labels = labels[:n] if labels is not None else None
-    return torch.from_numpy(images), (torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)
+    labels = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    return torch.from_numpy(images), labels, meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,6 +312,46 @@ def print_report(result, path):
         print(f"  judged the requested digit: {result['accuracy']:.2%}   per digit  {per}")
 
 
+def print_tradeoff(results, path):
+    """Guidance trade-off: one line per method through its scales/weights, the share of wrong digits (x, log
+    scale: 10% and 0.1% wrong are far apart) against FID (y)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    symbol = {"classifier": "s", "classifier-free": "w"}  # each chapter's name for its guidance strength
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    print("| guidance | strength | sampler | N | judged the requested digit | per digit 0-9 (%) | worst digit | FID | "
+          "sampling s/image |")
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for method in sorted({r["guidance"] for r in results}):
+        rows = sorted((r for r in results if r["guidance"] == method), key=lambda r: r["strength"])
+        wrong = [max(100 * (1 - r["accuracy"]), 0.01) for r in rows]  # 0% wrong still needs a place on a log axis
+        fid = [r["fid"] for r in rows]
+        ax.plot(wrong, fid, "o-", label=f"{method} guidance ({symbol.get(method, 'strength')})")
+        for r, x, y in zip(rows, wrong, fid):
+            ax.annotate(f"{symbol.get(method, '')}={r['strength']:g}", (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+            worst = min(r["accuracy_per_digit"].items(), key=lambda kv: kv[1])
+            per_image = f"{r['seconds'] / r['n']:.4f}" if "seconds" in r else "-"
+            per_digit = " ".join(f"{round(100 * a, 1):g}" for _, a in sorted(r["accuracy_per_digit"].items()))
+            print(f"| {method} | {r['strength']:g} | {r.get('sampler', '-')} | {r['n']} | {r['accuracy']:.1%} | "
+                  f"{per_digit} | {worst[0]}: {worst[1]:.1%} | {r['fid']:.1f} | {per_image} |")
+    n = sorted({r["n"] for r in results})
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.invert_xaxis()  # more accurate to the right
+    ax.set_xlabel("samples judged a different digit than asked (%, log scale)")
+    ax.set_ylabel(f"FID (lower is better), N = {', '.join(map(str, n))}")
+    ax.set_title("guidance: on-class accuracy vs sample quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"\nwrote {path}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. Benchmark: images per second of every sampler whose checkpoint exists (median of repeats, warm-up excluded)
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +379,7 @@ def benchmark(args, device):
     import sample_ddim
     import src
     import src_cfg
+    import src_classifier_free
     import train_distilled
     ddpm_path = os.path.join(args.out_dir, src.FINAL_NAME)
     if not os.path.isfile(ddpm_path):
@@ -350,10 +401,20 @@ def benchmark(args, device):
         classifier = src_cfg.NoisyClassifier().to(device).eval()
         classifier.load_state_dict(torch.load(classifier_path, map_location=device, weights_only=True)["model"])
         y = torch.arange(b, device=device) % 10
-        samplers.append(("classifier-guided DDIM 50 steps, scale 3 (src_cfg.py)", lambda: src_cfg.sample_guided(
-            unet, classifier, sched, x_T, y, 3.0, 50, bf16=bf16, progress=False)))
+        samplers.append(("classifier-guided DDIM 50 steps, scale 8 (src_cfg.py)", lambda: src_cfg.sample_guided(
+            unet, classifier, sched, x_T, y, 8.0, 50, bf16=bf16, progress=False)))
     else:
         notes.append(f"no {classifier_path}: run `python src_cfg.py` to time guided sampling")
+    free_path = os.path.join(args.out_dir, src_classifier_free.FINAL_NAME)
+    if os.path.isfile(free_path):
+        conditional, _ = src_classifier_free.load_conditional(free_path, device)
+        y = torch.arange(b, device=device) % 10
+        weight = src_classifier_free.DEFAULT_WEIGHT
+        samplers.append((f"classifier-free guided DDIM 50 steps, w {weight:g} (src_classifier_free.py)",
+                         lambda: src_classifier_free.sample_guided(conditional, sched, x_T, y, weight, 50, bf16=bf16,
+                                                                   progress=False)))
+    else:
+        notes.append(f"no {free_path}: run `python src_classifier_free.py` to time classifier-free guidance")
     distilled_path = os.path.join(args.out_dir, train_distilled.FINAL_NAME)
     if os.path.isfile(distilled_path):
         distilled = train_distilled.load_distilled(distilled_path, device)
@@ -399,13 +460,24 @@ def main(argv=None):
         else:
             print_benchmark(rows, notes, device, args.batch)
         return
-    images, labels = load_samples(args.samples, args.n)
+    sets = [(path, *load_samples(path, args.n)) for path in args.samples]  # bad input fails before any work
+    if args.tradeoff:
+        for path, _, labels, meta in sets:
+            if labels is None or "guidance" not in meta or "strength" not in meta:
+                fail(f"{path} has no labels/guidance/strength: --tradeoff takes the .npz files that "
+                     f"src_cfg.py and src_classifier_free.py write with --save-npz")
     model, ckpt = load_classifier(args, device)
-    result = score(model, ckpt, images, labels, device, args.data_root, args.seed)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_report(result, args.samples)
+    results = []
+    for path, images, labels, meta in sets:
+        result = dict(score(model, ckpt, images, labels, device, args.data_root, args.seed), file=path, **meta)
+        results.append(result)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_report(result, path)
+    if args.tradeoff:
+        print()
+        print_tradeoff(results, args.tradeoff)
 
 
 if __name__ == "__main__":

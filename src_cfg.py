@@ -72,8 +72,8 @@ def parse_args(argv=None):
                    help="bfloat16 autocast for the UNet; auto = on for CUDA and for CPUs with native bf16")
     p.add_argument("--out-dir", default=".", help="where pictures and the classifier cache go")
     p.add_argument("--save-npz", default=None, metavar="PATH",
-                   help="export samples: `images` uint8 N x 28 x 28 and `labels` = the requested digits; with "
-                        "several --scales one file per scale (PATH_scale3.npz)")
+                   help="export samples: `images` uint8 N x 28 x 28, `labels` = the requested digits, the scale and "
+                        "the sampling time; with several --scales one file per scale (PATH_scale3.npz)")
     return p.parse_args(argv)
 
 
@@ -530,7 +530,9 @@ def main(argv=None):
                 stem, ext = os.path.splitext(path)
                 path = f"{stem}_scale{scale:g}{ext or '.npz'}"
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy())
+            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy(),  # + what evaluate.py
+                                guidance="classifier", strength=scale,           # --tradeoff plots
+                                sampler=sampler_name, seconds=seconds)
             print(f"wrote {path}")
 
     # One starting noise, guided to each of the ten digits: the classifier decides what the noise becomes.

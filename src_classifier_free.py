@@ -3,8 +3,8 @@ Chapter 5 - classifier-FREE guidance (Ho & Salimans 2022): one conditional model
 
 Usage (copy-paste):
     python src_classifier_free.py --minutes 10          # trains a class-conditional DDPM, then guided grids
-    python src_classifier_free.py --sample-only --weights 0 1 3 5
-    python src_classifier_free.py --sample-only --num-samples 200 --weights 3 --save-npz cf.npz   # evaluate.py
+    python src_classifier_free.py --sample-only --weights 0 1 2 3 5
+    python src_classifier_free.py --sample-only --num-samples 200 --weights 2.5 --save-npz cf.npz   # evaluate.py
 
 Chapter 2 (src_cfg.py) steered an unconditional model with the gradient of a separate noisy classifier. Here the
 model itself gets the label: ε_θ(x_t, t, y). During training the label is replaced by a "null" class with
@@ -42,6 +42,7 @@ from tqdm import tqdm
 FINAL_NAME = "classifier_free_model_final.pt"
 LAST_NAME = "classifier_free_model_last.pt"
 NULL_CLASS = 10  # the label that means "no label": index 10 of the class embedding
+DEFAULT_WEIGHT = 2.5  # measured: every digit >= 99% judged right, FID within 10% of unguided src.py (README)
 
 
 def parse_args(argv=None):
@@ -62,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--base-channels", type=positive_int, default=None,
                    help="UNet width at 28x28; default 16 on CPU, 64 on a GPU (as src.py)")
     p.add_argument("--no-attention", action="store_true", help="drop the self-attention block at 7x7")
-    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 3.0],
-                   help="guidance weights w to sample with (0 = unconditional, 1 = conditional)")
+    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, DEFAULT_WEIGHT],
+                   help=f"guidance weights w to sample with (0 = unconditional, 1 = conditional, {DEFAULT_WEIGHT:g} = "
+                        f"this chapter's choice); the same-noise figure uses the largest")
     p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw")
     p.add_argument("--num-samples", type=positive_int, default=8, help="samples per digit and weight")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
@@ -77,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help=f"continue training from OUT_DIR/{LAST_NAME}")
     p.add_argument("--sample-only", action="store_true", help=f"skip training: sample from OUT_DIR/{FINAL_NAME}")
     p.add_argument("--save-npz", default=None, metavar="PATH",
-                   help="export `images` uint8 N x 28 x 28 and `labels`; one file per weight if several "
-                        "(PATH_w3.npz)")
+                   help="export `images` uint8 N x 28 x 28, `labels`, the weight and the sampling time; one "
+                        "file per weight if several (PATH_w3.npz)")
     return p.parse_args(argv)
 
 
@@ -528,7 +530,8 @@ def main(argv=None):
         start = time.perf_counter()
         images = torch.cat([to_uint8(sample_guided(model, sched, xs, ys, weight, steps, eta, bf16, noise_gen))
                             for xs, ys in zip(x_T.split(args.batch_size), y.split(args.batch_size))])
-        print(f"w = {weight:g}: {len(images)} digits with {sampler_name} in {time.perf_counter() - start:.1f}s")
+        seconds = time.perf_counter() - start
+        print(f"w = {weight:g}: {len(images)} digits with {sampler_name} in {seconds:.1f}s")
         per_digit = images.view(len(args.digits), args.num_samples, 28, 28)
         save_rows(list(per_digit), [str(d) for d in args.digits],
                   os.path.join(args.out_dir, f"classifier_free_weight_{weight:g}.png"),
@@ -539,7 +542,9 @@ def main(argv=None):
                 stem, ext = os.path.splitext(path)
                 path = f"{stem}_w{weight:g}{ext or '.npz'}"
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy())
+            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy(),  # + what evaluate.py
+                                guidance="classifier-free", strength=weight,     # --tradeoff plots
+                                sampler=sampler_name, seconds=seconds)
             print(f"wrote {path}")
     # One starting noise, asked for each of the ten digits
     weight = max(args.weights)

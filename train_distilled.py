@@ -57,17 +57,21 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
     p.add_argument("--method", choices=["kd", "progressive"], default="kd", help="see the top of this file")
-    p.add_argument("--pairs", type=int, default=40000, help="kd: number of cached (noise, teacher image) pairs")
+    p.add_argument("--pairs", type=int, default=60000,
+                   help="kd: number of cached (noise, teacher image) pairs; fewer pairs, more epochs = overfitting")
     p.add_argument("--teacher-steps", type=int, default=None,
                    help="teacher DDIM steps; kd default 25 (pair generation takes minutes on a CPU), "
                         "progressive default 32 (a power of 2: it halves down to 1)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="kd: passes over the pairs (default 15); progressive: passes over MNIST per halving "
+                   help="kd: passes over the pairs (default 16); progressive: passes over MNIST per halving "
                         "(default 1)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget for training (not pair generation); then it still saves and samples")
+                   help="wall-clock budget for training (not pair generation): the learning rate decays by steps "
+                        "or by time, whichever is further; then it still saves and samples")
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    p.add_argument("--loss", choices=["l1", "mse"], default="l1",
+                   help="distance between the student's x_0 and the target, per pixel (see distill_loss)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the student's weights")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
@@ -423,6 +427,16 @@ def progressive_target(teacher, predicts, x_t, t_seq, abar_seq, j, bf16):
     return (x - ratio * x_t) / (a2.sqrt() - ratio * a.sqrt())
 
 
+def distill_loss(pred_x0, target_x0, kind):
+    """How far the student's digit is from the target digit, averaged over pixels.
+
+    mse: the mean of what the student is unsure about - where it can't tell if a stroke goes here or there, it
+    paints both half-grey: soft digits. l1: the median - each pixel commits to ink or background: sharper."""
+    if kind == "mse":
+        return F.mse_loss(pred_x0, target_x0)
+    return F.l1_loss(pred_x0, target_x0)
+
+
 @torch.no_grad()
 def generate(student, sched, z, bf16=False):
     """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
@@ -469,7 +483,7 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
         print(f"resumed from {last_path}: stage {state['stage'] + 1}/{len(stages)}, step {state['step']}")
 
     def checkpoint(final=False):
-        config = dict(ckpt_config, method=args.method, teacher_steps=K, predicts="x0")
+        config = dict(ckpt_config, method=args.method, teacher_steps=K, predicts="x0", loss=args.loss)
         ckpt = {"kind": "distilled", "config": config, "model": student.state_dict(), "ema": ema.model.state_dict(),
                 **state}
         if final:  # the final file is for sampling; the resumable state stays in LAST_NAME
@@ -488,13 +502,15 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
             timesteps = ddim_timesteps(K, T)[::2 ** stage]
             t_seq = torch.tensor(timesteps, device=device)
             abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1, device=device)])  # ᾱ = 1 after the end
-            deadline = budget_s * (stage + 1) / len(stages)  # each halving gets an equal share of the budget
+            stage_budget_s = budget_s / len(stages)  # each halving gets an equal share of the budget
+            deadline, stage_start = stage_budget_s * (stage + 1), time.time()
             name = "kd" if args.method == "kd" else f"{stages[stage]} -> {stages[stage] // 2} steps"
             bar = tqdm(total=steps_per_stage, initial=state["step"], desc=f"training student ({name})", unit="step")
             while state["step"] < steps_per_stage and time.time() - start < deadline:
                 step = state["step"]
+                progress = max(step / steps_per_stage, (time.time() - stage_start) / stage_budget_s)  # steps or time
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, step, step / steps_per_stage)
+                    group["lr"] = learning_rate(args, step, progress)
                 if args.method == "kd":
                     idx = torch.randint(0, len(z_all), (args.batch_size,), device=device)
                     inputs, t = z_all[idx], torch.full((args.batch_size,), T - 1, device=device)
@@ -506,7 +522,7 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
                     inputs = q_sample(x0, t, torch.randn_like(x0), sched)
                     target = progressive_target(teacher, teacher_predicts, inputs, t_seq, abar_seq, j, bf16)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = F.mse_loss(student(inputs, t).float(), target)  # the student predicts x_0
+                    loss = distill_loss(student(inputs, t).float(), target, args.loss)  # the student predicts x_0
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -614,7 +630,8 @@ def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_st
     if losses:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(losses, lw=0.5)
-        ax.set(xlabel="step", ylabel="MSE to the teacher's x_0", yscale="log", title="student training loss")
+        ax.set(xlabel="step", ylabel=f"{args.loss.upper()} to the target x_0", yscale="log",
+               title="student training loss")
         fig.savefig(os.path.join(args.out_dir, "distilled_loss_curve.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)
     print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
@@ -623,7 +640,7 @@ def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_st
 def main(argv=None):
     args = parse_args(argv)
     args.teacher_steps = args.teacher_steps or (25 if args.method == "kd" else 32)
-    args.epochs = args.epochs or (15 if args.method == "kd" else 1)
+    args.epochs = args.epochs or (16 if args.method == "kd" else 1)
     if args.pairs < 1:
         fail(f"--pairs must be >= 1, got {args.pairs}")
     if args.method == "progressive" and (args.teacher_steps < 2 or args.teacher_steps & (args.teacher_steps - 1)):

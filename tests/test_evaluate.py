@@ -73,6 +73,28 @@ def test_labelled_npz_and_png_folder(tiny_classifier, tiny_mnist, tmp_path, caps
     assert "N = 12" in text and "FID" in text and "class histogram" in text
 
 
+def test_tradeoff_plots_each_guidance_method_through_its_strengths(tiny_classifier, tiny_mnist, tmp_path, capsys):
+    """Several guided sets -> one report each, a markdown row each (sorted by strength) and the plot."""
+    model, _, out = tiny_classifier
+    images, _ = synthetic_digits(40, seed=8)
+    judged = evaluate.classify(model, torch.from_numpy(images), CPU)[0].argmax(1).numpy()
+    files = []
+    for method, strength, wrong in [("classifier", 8.0, 0), ("classifier", 0.0, 20), ("classifier-free", 2.0, 4)]:
+        asked = judged.copy()  # every digit asked for is the one the classifier sees ...
+        asked[:wrong] = (asked[:wrong] + 1) % 10  # ... but for the first `wrong` of them
+        files.append(str(tmp_path / f"{method}_{strength:g}.npz"))
+        np.savez(files[-1], images=images, labels=asked, guidance=method, strength=strength, seconds=2.0)
+    evaluate.main(files + ["--data-root", tiny_mnist, "--out-dir", str(out), "--tradeoff",
+                           str(tmp_path / "plot" / "tradeoff.png")])
+    text = capsys.readouterr().out
+    assert text.count("FID (MNIST-classifier features") == 3 and (tmp_path / "plot" / "tradeoff.png").is_file()
+    rows = [line for line in text.splitlines() if line.startswith("| classifier")]
+    assert [row.split(" | ")[1] for row in rows] == ["0", "8", "2"]  # per method, by strength
+    accuracy = {row.split(" | ")[1]: row.split(" | ")[4] for row in rows}
+    assert accuracy == {"0": "50.0%", "2": "90.0%", "8": "100.0%"}  # 20, 4 and 0 of 40 asked for another digit
+    assert all(row.split(" | ")[-1] == "0.0500 |" for row in rows)  # 2 s for 40 images
+
+
 bad = partial(one_line_error, evaluate.main)
 
 
@@ -93,6 +115,8 @@ def test_bad_input(tmp_path):
     assert "not a readable .npz" in bad([str(tmp_path / "junk.npz")])
     assert "no such file" in bad([str(tmp_path / "missing.npz")])
     assert "no .png" in bad([str(tmp_path)])
+    np.savez(tmp_path / "plain.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.array([1, 2, 3, 4]))
+    assert "--tradeoff takes" in bad([str(tmp_path / "plain.npz"), "--tradeoff", str(tmp_path / "t.png")])
 
 
 def test_benchmark_times_the_samplers_that_exist(tiny_checkpoint, capsys):

@@ -89,6 +89,7 @@ def test_cli_end_to_end(guided_setup, tiny_checkpoint, tiny_mnist, tmp_path, cap
         assert (tmp_path / name).is_file(), name
     npz = np.load(tmp_path / "g_scale3.npz")
     assert npz["images"].shape == (4, 28, 28) and npz["labels"].tolist() == [0, 0, 7, 7]
+    assert npz["guidance"] == "classifier" and npz["strength"] == 3 and npz["seconds"] > 0  # for --tradeoff
 
 
 def test_a_corrupt_classifier_cache_is_retrained(tiny_checkpoint, tiny_mnist, tmp_path, capsys):

@@ -65,6 +65,18 @@ def test_training_run_writes_a_checkpoint_that_round_trips(trained, tmp_path):
              "--weights", "1", "--save-npz", str(tmp_path / "cf.npz")])
     npz = np.load(tmp_path / "cf.npz")
     assert npz["images"].shape == (4, 28, 28) and npz["labels"].tolist() == [2, 2, 5, 5]
+    assert npz["guidance"] == "classifier-free" and npz["strength"] == 1 and npz["seconds"] > 0  # for --tradeoff
+
+
+def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    import evaluate
+    for path in (trained / cf.FINAL_NAME, tiny_checkpoint / "diffusion_model_final.pt"):
+        shutil.copy(path, tmp_path)
+    evaluate.main(["--benchmark", "--out-dir", str(tmp_path), "--repeats", "1", "--batch", "2"])
+    assert f"| classifier-free guided DDIM 50 steps, w {cf.DEFAULT_WEIGHT:g} (src_classifier_free.py) |" in \
+        capsys.readouterr().out
 
 
 bad = partial(one_line_error, cf.main)

@@ -38,7 +38,8 @@ def test_pairs_are_deterministic_and_cached_per_teacher(teacher, tmp_path, capsy
     assert "another teacher or settings" in capsys.readouterr().out and torch.equal(x1, x4)
 
 
-def test_a_few_student_steps_lower_the_loss(teacher):
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_a_few_student_steps_lower_the_loss(teacher, kind):
     import copy
     model, sched, _ = teacher
     student = copy.deepcopy(model).train().requires_grad_(True)
@@ -46,9 +47,16 @@ def test_a_few_student_steps_lower_the_loss(teacher):
     target = td.sample_ddim(model, sched, z, 3, progress=False).clamp(-1, 1)  # as make_pairs stores them
 
     def loss_with_grad():  # the student's one step from z (t = T-1) against the teacher's image
-        return torch.nn.functional.mse_loss(student(z, torch.full((16,), 999)), target)
-    before, after = loss_before_and_after(loss_with_grad, student.parameters(), steps=10)
+        return td.distill_loss(student(z, torch.full((16,), 999)), target, kind)
+    before, after = loss_before_and_after(loss_with_grad, student.parameters(), steps=20)
     assert after < 0.8 * before
+
+
+def test_distill_loss_is_the_per_pixel_mean_of_the_named_distance():
+    pred, target = torch.zeros(2, 1, 28, 28), torch.zeros(2, 1, 28, 28)
+    pred[0, 0, 0, :4] = 2.0  # 4 of 1568 pixels off by 2
+    assert td.distill_loss(pred, target, "l1").item() == pytest.approx(4 * 2 / 1568)
+    assert td.distill_loss(pred, target, "mse").item() == pytest.approx(4 * 4 / 1568)
 
 
 @pytest.mark.parametrize("j,predicts", [(0, "epsilon"), (2, "epsilon"), (2, "x0")])
