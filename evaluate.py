@@ -24,6 +24,7 @@ Input: an .npz with `images` uint8 [N, 28, 28] (0-255) and optional `labels` int
 `strength` (its scale or weight) and `seconds` (sampling time): --tradeoff plots those against each other.
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -275,6 +276,16 @@ def blur(images_uint8, sigma=1.0):
     return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=4)
+def yardstick_stats(model, data_root, n, seed, device):
+    """Feature statistics of n real training digits (the floor) and of the same digits blurred. They depend only on
+    n, so several sample files of one size scored in one run (--tradeoff) compute them once."""
+    train_x, _ = load_mnist(data_root, train=True)
+    real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:n]]
+    return {key: feature_stats(classify(model, reference, device)[1])
+            for key, reference in [("fid_floor_real_train", real), ("fid_blurred_real_train", blur(real))]}
+
+
 def score(model, ckpt, images, labels, device, data_root=None, seed=0):
     """All metrics of one sample set as a dict."""
     logits, feats = classify(model, images, device)
@@ -286,12 +297,8 @@ def score(model, ckpt, images, labels, device, data_root=None, seed=0):
               "class_histogram": torch.bincount(pred, minlength=10).tolist(),
               "mean_confidence": probs.max(1).values.mean().item()}
     if data_root is not None:  # two yardsticks at the same N: real training digits (the floor), and blurred ones
-        train_x, _ = load_mnist(data_root, train=True)
-        g = torch.Generator().manual_seed(seed)
-        real = train_x[torch.randperm(len(train_x), generator=g)[:len(images)]]
-        for key, reference in [("fid_floor_real_train", real), ("fid_blurred_real_train", blur(real))]:
-            result[key] = frechet_distance(*feature_stats(classify(model, reference, device)[1]),
-                                           ckpt["test_mu"], ckpt["test_sigma"])
+        for key, stats in yardstick_stats(model, data_root, len(images), seed, device).items():
+            result[key] = frechet_distance(*stats, ckpt["test_mu"], ckpt["test_sigma"])
     if labels is not None:
         correct = (pred == labels).float()
         result["accuracy"] = correct.mean().item()

@@ -21,9 +21,8 @@ REQUIRED = ["ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAttention", 
 present = [c for c in CHAPTERS if os.path.isfile(os.path.join(ROOT, f"{c}.py"))]
 
 
-@pytest.mark.parametrize("chapter", present)
-def test_shared_code_is_identical_to_the_original(chapter):
-    module = importlib.import_module(chapter)
+def assert_copies_identical(module):
+    """Every shared function/class the module carries equals the original's source; returns how many it carries."""
     groups = [(src, SHARED_WITH_SRC), (importlib.import_module("sample_ddim"), SHARED_WITH_DDIM),
               (importlib.import_module("src_cfg"), SHARED_WITH_CFG)]
     compared = 0
@@ -31,11 +30,23 @@ def test_shared_code_is_identical_to_the_original(chapter):
         for name in names:
             if hasattr(module, name) and module is not original:
                 assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(original, name)), \
-                    f"{chapter}.{name} differs from {original.__name__}.{name}"
+                    f"{module.__name__}.{name} differs from {original.__name__}.{name}"
                 compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("chapter", present)
+def test_shared_code_is_identical_to_the_original(chapter):
+    module = importlib.import_module(chapter)
+    compared = assert_copies_identical(module)
     for name in REQUIRED:
         assert hasattr(module, name), f"{chapter} lacks its copy of {name}"
     assert compared >= 12
+
+
+def test_the_evaluators_helpers_are_identical_copies_too():
+    import evaluate  # no UNet of its own, but the same argument, device and data helpers
+    assert assert_copies_identical(evaluate) >= 4
 
 
 def test_the_conditional_unet_extends_the_shared_one():
