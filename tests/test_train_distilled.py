@@ -96,6 +96,14 @@ def test_kd_end_to_end_resume_and_sample_only(tiny_checkpoint, tmp_path, capsys)
     td.main(common + ["--sample-only"])
 
 
+def test_the_budget_covers_the_pairs_too(tiny_checkpoint, tmp_path):
+    """--minutes is for the whole run: pairs that eat it all leave a clear line (and a cache for the next run)."""
+    args = ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
+            "--pairs", "64", "--teacher-steps", "2", "--batch-size", "32", "--minutes", "1e-9"]
+    assert "pairs used the whole --minutes 1e-09 budget" in one_line_error(td.main, args)
+    assert (tmp_path / td.PAIRS_NAME).is_file() and not (tmp_path / td.FINAL_NAME).exists()
+
+
 def test_progressive_end_to_end(tiny_checkpoint, tiny_mnist, tmp_path):
     td.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
              "--method", "progressive", "--teacher-steps", "4", "--epochs", "1", "--batch-size", "64",
@@ -111,6 +119,8 @@ def test_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert "run `python src.py` first" in bad(["--checkpoint", str(tmp_path / "missing.pt")])
     assert "--pairs must be >= 1" in bad(["--pairs", "0"])
     assert "power of 2" in bad(["--method", "progressive", "--teacher-steps", "6"])
+    assert "must be >= 1" in bad(["--teacher-steps", "0"])  # 0 is not "use the default"
+    assert "--lr must be > 0, got 0.0" in bad(["--lr", "0"])
     assert "run `python train_distilled.py` first" in bad(
         ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
          "--sample-only"])
