@@ -397,6 +397,7 @@ def benchmark(args, device):
     sched = {k: v.to(device) for k, v in src.ddpm_schedule(**ckpt["config"]["schedule"]).items()}
     b = args.batch
     x_T = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    y = torch.arange(b, device=device) % 10  # the digits the guided samplers are asked for: 0-9, repeated
     samplers = [("DDPM ancestral, 1000 steps (src.py)", lambda: src.sample_ddpm(unet, sched, b, device, bf16,
                                                                                  progress=False))]
     for k in (20, 50, 100):
@@ -407,7 +408,6 @@ def benchmark(args, device):
     if os.path.isfile(classifier_path):
         classifier = src_cfg.NoisyClassifier().to(device).eval()
         classifier.load_state_dict(torch.load(classifier_path, map_location=device, weights_only=True)["model"])
-        y = torch.arange(b, device=device) % 10
         samplers.append(("classifier-guided DDIM 50 steps, scale 8 (src_cfg.py)", lambda: src_cfg.sample_guided(
             unet, classifier, sched, x_T, y, 8.0, 50, bf16=bf16, progress=False)))
     else:
@@ -415,7 +415,6 @@ def benchmark(args, device):
     free_path = os.path.join(args.out_dir, src_classifier_free.FINAL_NAME)
     if os.path.isfile(free_path):
         conditional, _ = src_classifier_free.load_conditional(free_path, device)
-        y = torch.arange(b, device=device) % 10
         weight = src_classifier_free.DEFAULT_WEIGHT
         samplers.append((f"classifier-free guided DDIM 50 steps, w {weight:g} (src_classifier_free.py)",
                          lambda: src_classifier_free.sample_guided(conditional, sched, x_T, y, weight, 50, bf16=bf16,
