@@ -38,7 +38,7 @@ def test_pairs_are_deterministic_and_cached_per_teacher(teacher, tmp_path, capsy
     assert "another teacher or settings" in capsys.readouterr().out and torch.equal(x1, x4)
 
 
-@pytest.mark.parametrize("kind", ["l1", "mse"])
+@pytest.mark.parametrize("kind", ["l1-clip", "l1", "mse"])
 def test_a_few_student_steps_lower_the_loss(teacher, kind):
     import copy
     model, sched, _ = teacher
@@ -57,6 +57,18 @@ def test_distill_loss_is_the_per_pixel_mean_of_the_named_distance():
     pred[0, 0, 0, :4] = 2.0  # 4 of 1568 pixels off by 2
     assert td.distill_loss(pred, target, "l1").item() == pytest.approx(4 * 2 / 1568)
     assert td.distill_loss(pred, target, "mse").item() == pytest.approx(4 * 4 / 1568)
+
+
+def test_l1_clip_ignores_only_overshoot_past_a_black_or_white_target():
+    target = torch.tensor([-1.0, -1.0, -0.5, 1.0, 1.0, 0.0])
+    pred = torch.tensor([-1.5, 0.5, -1.5, 1.2, 0.6, 1.3], requires_grad=True)
+    # blacker than a black target: 0; wrong side of a black target: 1.5; an in-between target: the full 1.0;
+    # whiter than a white target: 0; below a white target: 0.4; past white where the target is grey: 1.3
+    loss = td.distill_loss(pred, target, "l1-clip")
+    assert loss.item() == pytest.approx((0 + 1.5 + 1.0 + 0 + 0.4 + 1.3) / 6)
+    assert td.distill_loss(pred, target, "l1").item() == pytest.approx((0.5 + 1.5 + 1.0 + 0.2 + 0.4 + 1.3) / 6)
+    loss.backward()
+    assert pred.grad.tolist() == pytest.approx([0, 1 / 6, -1 / 6, 0, -1 / 6, 1 / 6])  # outside [-1, 1] still learns
 
 
 @pytest.mark.parametrize("j,predicts", [(0, "epsilon"), (2, "epsilon"), (2, "x0")])
