@@ -71,7 +71,7 @@ def parse_args(argv=None):
                         "by steps or by time, whichever is further); then it still saves and samples")
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak AdamW learning rate; kd default 1e-3 (6 epochs on 40k pairs: 5e-4 -> FID 124, "
+                   help="peak AdamW learning rate; kd default 1e-3 (6 epochs on 40k pairs, L1: 5e-4 -> FID 124, "
                         "1e-3 -> 108, 2e-3 -> 124), progressive default 5e-4")
     p.add_argument("--loss", choices=["l1-clip", "l1", "mse"], default=None,
                    help="distance between the student's x_0 and the target, per pixel (see distill_loss); "
@@ -438,8 +438,9 @@ def distill_loss(pred_x0, target_x0, kind):
     paints both half-grey: soft digits. l1: the median - each pixel commits to ink or background: sharper.
     l1-clip: L1 on the picture as it is shown. Pictures are clipped to [-1, 1] (black .. white), so where the
     target is pure black, a student pixel even blacker changes nothing we see: that costs nothing (same for white).
-    The student no longer spends effort hitting exactly -1 on the background. (kd only: progressive targets are
-    not pictures but in-between x_0 estimates, where "blacker than black" still moves the next step.)"""
+    The student no longer spends effort hitting exactly -1 on the background. (The kd default; progressive
+    defaults to l1: its targets are not pictures but in-between x_0 estimates, where "blacker than black" still
+    moves the next step.)"""
     if kind == "mse":
         return F.mse_loss(pred_x0, target_x0)
     error = pred_x0 - target_x0
