@@ -92,6 +92,15 @@ def test_progressive_target_makes_one_step_equal_two_teacher_steps(teacher, j, p
     assert torch.allclose(one_step, x, atol=1e-4)
 
 
+def test_defaults_depend_on_the_method_and_flags_win():
+    kd = td.apply_method_defaults(td.parse_args([]))
+    assert (kd.teacher_steps, kd.epochs, kd.lr, kd.loss, kd.batch_size) == (25, 16, 1e-3, "l1-clip", 64)
+    prog = td.apply_method_defaults(td.parse_args(["--method", "progressive"]))
+    assert (prog.teacher_steps, prog.epochs, prog.lr, prog.loss, prog.batch_size) == (32, 1, 5e-4, "l1", 128)
+    given = td.apply_method_defaults(td.parse_args(["--batch-size", "16", "--loss", "mse", "--teacher-steps", "8"]))
+    assert (given.batch_size, given.loss, given.teacher_steps) == (16, "mse", 8)
+
+
 def test_kd_end_to_end_resume_and_sample_only(tiny_checkpoint, tmp_path, capsys):
     common = ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
               "--pairs", "64", "--teacher-steps", "2", "--batch-size", "32", "--num-samples", "4"]
@@ -100,6 +109,7 @@ def test_kd_end_to_end_resume_and_sample_only(tiny_checkpoint, tmp_path, capsys)
     td.main(common + ["--epochs", "3", "--resume", "--save-npz", str(tmp_path / "one.npz")])
     final = torch.load(tmp_path / td.FINAL_NAME, weights_only=True)
     assert final["step"] == 6 and final["config"]["method"] == "kd" and "optimizer" not in final
+    assert final["config"]["batch_size"] == 32 and final["config"]["loss"] == "l1-clip"  # how it was trained
     assert np.load(tmp_path / "one.npz")["images"].shape == (4, 28, 28)
     for name in ["distilled_comparison.png", "distilled_samples.png", "distilled_loss_curve.png", td.PAIRS_NAME]:
         assert (tmp_path / name).is_file(), name
