@@ -96,7 +96,7 @@ def test_defaults_depend_on_the_method_and_flags_win():
     kd = td.apply_method_defaults(td.parse_args([]))
     assert (kd.teacher_steps, kd.epochs, kd.lr, kd.loss, kd.batch_size) == (25, 16, 1e-3, "l1-clip", 64)
     prog = td.apply_method_defaults(td.parse_args(["--method", "progressive"]))
-    assert (prog.teacher_steps, prog.epochs, prog.lr, prog.loss, prog.batch_size) == (32, 1, 5e-4, "l1", 128)
+    assert (prog.teacher_steps, prog.epochs, prog.lr, prog.loss, prog.batch_size) == (32, 2, 5e-4, "l1", 128)
     given = td.apply_method_defaults(td.parse_args(["--batch-size", "16", "--loss", "mse", "--teacher-steps", "8"]))
     assert (given.batch_size, given.loss, given.teacher_steps) == (16, "mse", 8)
 
