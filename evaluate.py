@@ -16,6 +16,12 @@ minute or two on a CPU, >= 99% test accuracy) and measure in its feature space:
   * FID: the Fréchet distance between Gaussians fitted to the classifier's penultimate-layer features of your
     samples and of the 10k MNIST test digits. 0 = same statistics; it depends on N, so compare at equal N.
     The "floor" printed next to it is the FID of N *real* training digits: the best a generator can hope for.
+  * FID in a second network: the same distance in the features of an independently trained MLP (another
+    architecture). One network's FID can be lowered without the digits getting better; a real improvement moves
+    both. Report a change that moves one but not the other as exactly that.
+  * precision and recall (Kynkäänniemi et al. 2019, k = 3, in the classifier's features): precision = the share of
+    your samples that land near some real digit (fidelity); recall = the share of N real test digits that land
+    near some sample (diversity: a missing digit or style lowers it). FID mixes the two into one number.
   * accuracy: for samples that carry the digit they were asked to be (`labels`), how often the classifier
     agrees. For unlabeled samples: the class histogram (a missing digit = mode collapse) and mean confidence.
 
@@ -31,16 +37,22 @@ import statistics
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
-CLASSIFIER_NAME = "mnist_classifier.pt"
+NETWORKS = {"cnn": "mnist_classifier.pt", "mlp": "mnist_mlp.pt"}  # the two feature networks and their caches
+EPOCH_FACTOR = {"cnn": 1, "mlp": 4}  # an MLP step costs ~1/20 of a CNN step: 4x the epochs reach >= 98% all the same
+PR_NEIGHBOURS = 3  # k of the k-nearest-neighbour balls in precision/recall (Kynkäänniemi et al. 2019)
 
 
 def parse_args(argv=None):
@@ -48,18 +60,19 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", nargs="*", help=".npz files from a --save-npz flag, or folders of 28x28 PNGs")
     p.add_argument("--n", type=positive_int, default=None,
-                   help="use the first N samples (default: all); FID depends on N, so compare at equal N")
+                   help="score a random subset of N samples (seeded by --seed; default: all). FID depends on N, "
+                        "so compare at equal N")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="folder holding MNIST/raw/ (torchvision layout). Env var MNIST_ROOT sets the default")
-    p.add_argument("--out-dir", default=".", help="where the reference classifier is cached")
-    p.add_argument("--classifier", default=None,
-                   help=f"reference classifier checkpoint (default: OUT_DIR/{CLASSIFIER_NAME}; trained if missing)")
-    p.add_argument("--classifier-epochs", type=positive_int, default=3, help="epochs when training it")
-    p.add_argument("--retrain", action="store_true", help="train the reference classifier again")
+    p.add_argument("--out-dir", default=".",
+                   help=f"where the two reference networks are cached ({', '.join(NETWORKS.values())})")
+    p.add_argument("--classifier-epochs", type=positive_int, default=3,
+                   help="epochs when training the CNN (the MLP gets 4x as many, its steps are far cheaper)")
+    p.add_argument("--retrain", action="store_true", help="train the reference networks again")
     p.add_argument("--benchmark", action="store_true",
                    help="time every sampler whose checkpoint exists in OUT_DIR (markdown table)")
     p.add_argument("--repeats", type=positive_int, default=3, help="benchmark: timed runs per sampler (median)")
-    p.add_argument("--batch", type=positive_int, default=64, help="benchmark: images per timed run")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="benchmark: images per timed run")
     p.add_argument("--tradeoff", default=None, metavar="PNG",
                    help="guided sets (src_cfg.py / src_classifier_free.py --save-npz): plot accuracy vs FID per "
                         "scale/weight to PNG and print a markdown table")
@@ -113,7 +126,7 @@ def load_mnist(root, train=True):
     return ds.data, ds.targets
 
 
-def load_samples(path, n=None):
+def load_samples(path, n=None, seed=0):
     """Reads an .npz (`images` uint8 [N, 28, 28], optional `labels`) or a folder of PNGs.
 
     Returns (images, labels or None, meta): meta = the guidance chapters' extra fields, when present."""
@@ -145,25 +158,33 @@ def load_samples(path, n=None):
     if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
                                or labels.min() < 0 or labels.max() > 9):
         fail(f"`labels` must be N integers 0-9 matching `images`, got shape {labels.shape} {labels.dtype}")
-    if n is not None:
+    if n is not None:  # a random subset: the guidance chapters' files are sorted by digit, the first N are not fair
         if len(images) < n:
             fail(f"{path} holds {len(images)} images, fewer than --n {n}")
-        images = images[:n]
-        labels = labels[:n] if labels is not None else None
+        keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
+        images = images[keep]
+        labels = labels[keep] if labels is not None else None
     labels = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
     return torch.from_numpy(images), labels, meta
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Model: the reference classifier. Its 128-d penultimate layer is the feature space FID is measured in.
+# 3. Models: two reference networks, each a digit classifier whose 128-d penultimate layer is a feature space
 # ----------------------------------------------------------------------------------------------------
 class MnistClassifier(nn.Module):
-    def __init__(self):
+    """kind "cnn": a small VGG-style convnet, the main yardstick. kind "mlp": a plain multi-layer perceptron on the
+    pixels, no convolutions - another architecture, trained separately, for a second opinion."""
+
+    def __init__(self, kind="cnn"):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        if kind == "cnn":
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        else:
+            self.features = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 512), nn.ReLU(), nn.Dropout(0.25),
+                                          nn.Linear(512, 128), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(0.25), nn.Linear(128, 10))
 
     def forward(self, images_uint8):
@@ -184,17 +205,25 @@ def classify(model, images_uint8, device, batch=1000):
     return torch.cat(logits), torch.cat(feats)
 
 
-def train_classifier(args, device, path):
-    """Trains the reference classifier on MNIST-train, caches it with the MNIST-test feature statistics."""
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_network(kind, args, device, path):
+    """Trains one reference network on MNIST-train; caches it with its MNIST-test features and their statistics."""
     torch.manual_seed(args.seed)
     train_x, train_y = load_mnist(args.data_root, train=True)
     test_x, test_y = load_mnist(args.data_root, train=False)
-    model = MnistClassifier().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    steps = args.classifier_epochs * (len(train_x) // 128)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
-    bar = tqdm(total=steps, desc="training reference classifier", unit="step")
-    for _ in range(args.classifier_epochs):
+    model = MnistClassifier(kind).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    epochs = args.classifier_epochs * EPOCH_FACTOR[kind]
+    steps = epochs * (len(train_x) // 128)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))
+    bar = tqdm(total=steps, desc=f"training the reference {kind}", unit="step")
+    for _ in range(epochs):
         model.train()
         order = torch.randperm(len(train_x))
         for i in range(len(train_x) // 128):
@@ -203,28 +232,26 @@ def train_classifier(args, device, path):
             # small random shifts (+-2 px) make the features robust to the slightly off-centre generated digits
             x = torch.roll(x, shifts=tuple(torch.randint(-2, 3, (2,)).tolist()), dims=(1, 2))
             loss = F.cross_entropy(model(x)[0], train_y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            optimizer.step()
+            lr_schedule.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     logits, feats = classify(model, test_x, device)
     accuracy = (logits.argmax(1) == test_y).float().mean().item()
     mu, sigma = feature_stats(feats)
-    ckpt = {"kind": "mnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy,
-            "test_mu": mu, "test_sigma": sigma}
-    tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
-    print(f"reference classifier: {accuracy:.2%} MNIST-test accuracy, cached in {path}", file=sys.stderr)
+    ckpt = {"kind": "mnist_classifier", "network": kind, "model": model.state_dict(), "test_accuracy": accuracy,
+            "test_mu": mu, "test_sigma": sigma, "test_features": feats}
+    save_atomic(ckpt, path)
+    print(f"reference {kind}: {accuracy:.2%} MNIST-test accuracy, cached in {path}", file=sys.stderr)
     return ckpt
 
 
-def load_classifier(args, device):
-    """The cached reference classifier (trained first if missing, unreadable or --retrain)."""
-    path = args.classifier or os.path.join(args.out_dir, CLASSIFIER_NAME)
+def load_network(kind, args, device):
+    """One cached reference network (trained first if missing, unreadable, from an older version, or --retrain)."""
+    path = os.path.join(args.out_dir, NETWORKS[kind])
     ckpt = None
     if os.path.isfile(path) and not args.retrain:
         try:
@@ -232,16 +259,24 @@ def load_classifier(args, device):
         except Exception as e:
             print(f"warning: {path} is unreadable ({type(e).__name__}); training it again", file=sys.stderr)
         if ckpt is not None and (not isinstance(ckpt, dict) or ckpt.get("kind") != "mnist_classifier"):
-            fail(f"{path} is not a reference classifier from evaluate.py (delete it or pass --classifier)")
+            fail(f"{path} is not a reference network from evaluate.py (delete it or pass another --out-dir)")
+        if ckpt is not None and "test_features" not in ckpt:
+            print(f"note: {path} predates precision/recall; training it again", file=sys.stderr)
+            ckpt = None
     if ckpt is None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        ckpt = train_classifier(args, device, path)
-    model = MnistClassifier().to(device)
+        ckpt = train_network(kind, args, device, path)
+    model = MnistClassifier(kind).to(device)
     model.load_state_dict(ckpt["model"])
-    if ckpt["test_accuracy"] < 0.99:
-        print(f"warning: the reference classifier reaches only {ckpt['test_accuracy']:.2%} on MNIST-test "
-              f"(want >= 99%); retrain with more --classifier-epochs", file=sys.stderr)
+    if ckpt["test_accuracy"] < 0.98:
+        print(f"warning: the reference {kind} reaches only {ckpt['test_accuracy']:.2%} on MNIST-test "
+              f"(want >= 98%); retrain with more --classifier-epochs", file=sys.stderr)
     return model, ckpt
+
+
+def load_networks(args, device):
+    """{kind: (model, cached checkpoint)} for both yardsticks; the CNN first (its features give precision/recall)."""
+    return {kind: load_network(kind, args, device) for kind in NETWORKS}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,53 +301,74 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
+def precision_recall(real, fake, k=PR_NEIGHBOURS, chunk=1000):
+    """Improved precision and recall (Kynkäänniemi et al. 2019). A set's "manifold" is the union of balls, one
+    around each of its points, reaching that point's k-th nearest neighbour in the same set.
+    precision = share of `fake` inside the real manifold; recall = share of `real` inside the fake manifold."""
+    def rows(a, b, reduce):  # reduce(distances from a chunk of a's rows to all of b), chunk by chunk: low memory
+        return torch.cat([reduce(torch.cdist(a[i:i + chunk], b)) for i in range(0, len(a), chunk)])
+
+    def inside(points, centres):
+        radii = rows(centres, centres, lambda d: d.kthvalue(k + 1, dim=1).values)  # +1: a point is its own 0th
+        return rows(points, centres, lambda d: (d <= radii).any(dim=1)).float().mean().item()
+
+    return inside(fake, real), inside(real, fake)
+
+
 def blur(images_uint8, sigma=1.0):
     """Gaussian blur (σ in pixels): real digits made soft, a yardstick for "blurry" samples."""
-    radius = 2
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    kernel = (kernel[:, None] * kernel[None, :] / kernel.sum() ** 2)[None, None]
-    out = F.conv2d(images_uint8.float().unsqueeze(1), kernel, padding=radius)
+    from torchvision.transforms.functional import gaussian_blur
+    out = gaussian_blur(images_uint8.float().unsqueeze(1), kernel_size=5, sigma=sigma)
     return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def yardstick_stats(model, data_root, n, seed, device):
     """Feature statistics of n real training digits (the floor) and of the same digits blurred. They depend only on
     n, so several sample files of one size scored in one run (--tradeoff) compute them once."""
     train_x, _ = load_mnist(data_root, train=True)
     real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:n]]
-    return {key: feature_stats(classify(model, reference, device)[1])
-            for key, reference in [("fid_floor_real_train", real), ("fid_blurred_real_train", blur(real))]}
+    return {"floor_real_train": feature_stats(classify(model, real, device)[1]),
+            "blurred_real_train": feature_stats(classify(model, blur(real), device)[1])}
 
 
-def score(model, ckpt, images, labels, device, data_root=None, seed=0):
-    """All metrics of one sample set as a dict."""
-    logits, feats = classify(model, images, device)
-    mu, sigma = feature_stats(feats)
-    probs = logits.softmax(1)
-    pred = probs.argmax(1)
-    result = {"n": len(images), "fid": frechet_distance(mu, sigma, ckpt["test_mu"], ckpt["test_sigma"]),
-              "classifier_test_accuracy": ckpt["test_accuracy"],
-              "class_histogram": torch.bincount(pred, minlength=10).tolist(),
-              "mean_confidence": probs.max(1).values.mean().item()}
-    if data_root is not None:  # two yardsticks at the same N: real training digits (the floor), and blurred ones
-        for key, stats in yardstick_stats(model, data_root, len(images), seed, device).items():
-            result[key] = frechet_distance(*stats, ckpt["test_mu"], ckpt["test_sigma"])
-    if labels is not None:
-        correct = (pred == labels).float()
-        result["accuracy"] = correct.mean().item()
-        result["accuracy_per_digit"] = {int(d): correct[labels == d].mean().item()
-                                        for d in labels.unique().tolist()}
+def score(networks, images, labels, device, data_root=None, seed=0):
+    """All metrics of one sample set as a dict: per network its FID (key `fid` for the CNN, `fid_mlp` for the MLP)
+    and, with data_root, the same-N yardsticks; the CNN's judgement of the digits; precision/recall."""
+    result = {"n": len(images)}
+    for kind, (model, ckpt) in networks.items():
+        prefix = "fid" if kind == "cnn" else f"fid_{kind}"
+        logits, feats = classify(model, images, device)
+        result[prefix] = frechet_distance(*feature_stats(feats), ckpt["test_mu"], ckpt["test_sigma"])
+        if data_root is not None:  # two yardsticks at the same N: real training digits (the floor), and blurred ones
+            for key, stats in yardstick_stats(model, data_root, len(images), seed, device).items():
+                result[f"{prefix}_{key}"] = frechet_distance(*stats, ckpt["test_mu"], ckpt["test_sigma"])
+        if kind != "cnn":
+            continue
+        real = ckpt["test_features"][torch.randperm(len(ckpt["test_features"]),
+                                                    generator=torch.Generator().manual_seed(seed))[:len(images)]]
+        result["precision"], result["recall"] = precision_recall(real, feats)
+        probs = logits.softmax(1)
+        pred = probs.argmax(1)
+        result.update(classifier_test_accuracy=ckpt["test_accuracy"], mean_confidence=probs.max(1).values.mean().item(),
+                      class_histogram=torch.bincount(pred, minlength=10).tolist())
+        if labels is not None:
+            correct = (pred == labels).float()
+            result["accuracy"] = correct.mean().item()
+            result["accuracy_per_digit"] = {int(d): correct[labels == d].mean().item()
+                                            for d in labels.unique().tolist()}
     return result
 
 
 def print_report(result, path):
     print(f"{path}: N = {result['n']}")
-    print(f"  FID (MNIST-classifier features, vs MNIST-test) = {result['fid']:.2f}")
-    if "fid_floor_real_train" in result:
-        print(f"  yardsticks at the same N: {result['fid_floor_real_train']:.2f} for real training digits (the floor),"
-              f" {result['fid_blurred_real_train']:.2f} for the same digits blurred (Gaussian, σ = 1 px)")
+    for key, name in [("fid", "MNIST-classifier features"), ("fid_mlp", "second network: MLP features")]:
+        floor = (f"   (same N: real training digits {result[key + '_floor_real_train']:.2f} = the floor, "
+                 f"blurred σ = 1 px {result[key + '_blurred_real_train']:.2f})" if key + "_floor_real_train" in result
+                 else "")
+        print(f"  FID ({name}, vs MNIST-test) = {result[key]:.2f}{floor}")
+    print(f"  precision {result['precision']:.3f} (fidelity)   recall {result['recall']:.3f} (diversity)   "
+          f"k = {PR_NEIGHBOURS}, vs {result['n']} MNIST-test digits")
     print(f"  class histogram (0-9): {result['class_histogram']}   mean confidence {result['mean_confidence']:.3f}")
     if "accuracy" in result:
         per = "  ".join(f"{d}:{a:.0%}" for d, a in sorted(result["accuracy_per_digit"].items()))
@@ -322,15 +378,12 @@ def print_report(result, path):
 def print_tradeoff(results, path):
     """Guidance trade-off: one line per method through its scales/weights, the share of wrong digits (x, log
     scale: 10% and 0.1% wrong are far apart) against FID (y)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
     symbol = {"classifier": "s", "classifier-free": "w"}  # each chapter's name for its guidance strength
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     print("| guidance | strength | sampler | N | judged the requested digit | per digit 0-9 (%) | worst digit | FID | "
-          "sampling s/image |")
-    print("| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |")
+          "FID (MLP) | sampling s/image |")
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for method in sorted({r["guidance"] for r in results}):
         rows = sorted((r for r in results if r["guidance"] == method), key=lambda r: r["strength"])
         wrong = [max(100 * (1 - r["accuracy"]), 0.01) for r in rows]  # 0% wrong still needs a place on a log axis
@@ -343,7 +396,7 @@ def print_tradeoff(results, path):
             per_image = f"{r['seconds'] / r['n']:.4f}" if "seconds" in r else "-"
             per_digit = " ".join(f"{round(100 * a, 1):g}" for _, a in sorted(r["accuracy_per_digit"].items()))
             print(f"| {method} | {r['strength']:g} | {r.get('sampler', '-')} | {r['n']} | {r['accuracy']:.1%} | "
-                  f"{per_digit} | {worst[0]}: {worst[1]:.1%} | {r['fid']:.1f} | {per_image} |")
+                  f"{per_digit} | {worst[0]}: {worst[1]:.1%} | {r['fid']:.1f} | {r['fid_mlp']:.1f} | {per_image} |")
     n = sorted({r["n"] for r in results})
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -380,14 +433,47 @@ def time_sampler(fn, repeats, device):
     return statistics.median(times)
 
 
+def chapter_samplers(args, device, unet, sched, x_T, bf16):
+    """(name, fn) for each later chapter whose trained file is in --out-dir, and a note for each one that is not."""
+    import src_cfg
+    import src_classifier_free
+    import train_distilled
+    y = torch.arange(len(x_T), device=device) % 10  # the digits the guided samplers are asked for: 0-9, repeated
+
+    def classifier_guided(path):
+        classifier = src_cfg.NoisyClassifier().to(device).eval()
+        classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+        return lambda: src_cfg.sample_guided(unet, classifier, sched, x_T, y, 8.0, 50, bf16=bf16, progress=False)
+
+    def classifier_free(path):
+        conditional, _ = src_classifier_free.load_conditional(path, device)
+        return lambda: src_classifier_free.sample_guided(conditional, sched, x_T, y, src_classifier_free.DEFAULT_WEIGHT,
+                                                         50, bf16=bf16, progress=False)
+
+    def distilled(path):
+        student = train_distilled.model_from_checkpoint(train_distilled.load_distilled(path, device), path)
+        student = student.to(device).eval()
+        return lambda: train_distilled.generate(student, sched, x_T, bf16)
+
+    chapters = [("classifier-guided DDIM 50 steps, scale 8", "src_cfg.py", src_cfg.CLASSIFIER_NAME, classifier_guided),
+                (f"classifier-free guided DDIM 50 steps, w {src_classifier_free.DEFAULT_WEIGHT:g}",
+                 "src_classifier_free.py", src_classifier_free.FINAL_NAME, classifier_free),
+                ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME, distilled)]
+    samplers, notes = [], []
+    for name, script, filename, build in chapters:
+        path = os.path.join(args.out_dir, filename)
+        if os.path.isfile(path):
+            samplers.append((f"{name} ({script})", build(path)))
+        else:
+            notes.append(f"no {path}: run `python {script}` to time it")
+    return samplers, notes
+
+
 def benchmark(args, device):
     """Rows of {sampler, seconds_per_batch, images_per_second, speedup}: each chapter's own sampler is imported
     and timed as a learner runs it, from the checkpoints found in --out-dir (skipped, with a note, if missing)."""
     import sample_ddim
     import src
-    import src_cfg
-    import src_classifier_free
-    import train_distilled
     ddpm_path = os.path.join(args.out_dir, src.FINAL_NAME)
     if not os.path.isfile(ddpm_path):
         fail(f"--benchmark needs {ddpm_path} - run `python src.py` first (or pass --out-dir)")
@@ -395,40 +481,17 @@ def benchmark(args, device):
     unet = src.model_from_checkpoint(ckpt, ddpm_path).to(device).eval()
     bf16 = src.use_bf16("auto", device)
     sched = {k: v.to(device) for k, v in src.ddpm_schedule(**ckpt["config"]["schedule"]).items()}
-    b = args.batch
+    b = args.batch_size
     x_T = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    y = torch.arange(b, device=device) % 10  # the digits the guided samplers are asked for: 0-9, repeated
     samplers = [("DDPM ancestral, 1000 steps (src.py)", lambda: src.sample_ddpm(unet, sched, b, device, bf16,
                                                                                  progress=False))]
     for k in (20, 50, 100):
         samplers.append((f"DDIM {k} steps (sample_ddim.py)",
                          lambda k=k: sample_ddim.sample_ddim(unet, sched, x_T, k, bf16=bf16, progress=False)))
-    notes = []
-    classifier_path = os.path.join(args.out_dir, src_cfg.CLASSIFIER_NAME)
-    if os.path.isfile(classifier_path):
-        classifier = src_cfg.NoisyClassifier().to(device).eval()
-        classifier.load_state_dict(torch.load(classifier_path, map_location=device, weights_only=True)["model"])
-        samplers.append(("classifier-guided DDIM 50 steps, scale 8 (src_cfg.py)", lambda: src_cfg.sample_guided(
-            unet, classifier, sched, x_T, y, 8.0, 50, bf16=bf16, progress=False)))
-    else:
-        notes.append(f"no {classifier_path}: run `python src_cfg.py` to time guided sampling")
-    free_path = os.path.join(args.out_dir, src_classifier_free.FINAL_NAME)
-    if os.path.isfile(free_path):
-        conditional, _ = src_classifier_free.load_conditional(free_path, device)
-        weight = src_classifier_free.DEFAULT_WEIGHT
-        samplers.append((f"classifier-free guided DDIM 50 steps, w {weight:g} (src_classifier_free.py)",
-                         lambda: src_classifier_free.sample_guided(conditional, sched, x_T, y, weight, 50, bf16=bf16,
-                                                                   progress=False)))
-    else:
-        notes.append(f"no {free_path}: run `python src_classifier_free.py` to time classifier-free guidance")
-    distilled_path = os.path.join(args.out_dir, train_distilled.FINAL_NAME)
-    if os.path.isfile(distilled_path):
-        distilled = train_distilled.load_distilled(distilled_path, device)
-        student = train_distilled.model_from_checkpoint(distilled, distilled_path).to(device).eval()
-        samplers.append(("distilled, 1 step (train_distilled.py)",
-                         lambda: train_distilled.generate(student, sched, x_T, bf16)))
-    else:
-        notes.append(f"no {distilled_path}: run `python train_distilled.py` to time the one-step student")
+    samplers.append(("DPM-Solver++(2M) SDE 20 steps (sample_ddim.py)",
+                     lambda: sample_ddim.sample_dpmpp(unet, sched, x_T, 20, True, bf16=bf16, progress=False)))
+    more, notes = chapter_samplers(args, device, unet, sched, x_T, bf16)
+    samplers += more
     rows = []
     for name, fn in samplers:
         seconds = time_sampler(fn, args.repeats, device)
@@ -461,21 +524,21 @@ def main(argv=None):
     if args.benchmark:
         rows, notes = benchmark(args, device)
         if args.json:
-            print(json.dumps({"device": str(device), "torch": torch.__version__, "batch": args.batch,
+            print(json.dumps({"device": str(device), "torch": torch.__version__, "batch": args.batch_size,
                               "rows": rows, "notes": notes}))
         else:
-            print_benchmark(rows, notes, device, args.batch)
+            print_benchmark(rows, notes, device, args.batch_size)
         return
-    sets = [(path, *load_samples(path, args.n)) for path in args.samples]  # bad input fails before any work
+    sets = [(path, *load_samples(path, args.n, args.seed)) for path in args.samples]  # bad input fails before any work
     if args.tradeoff:
         for path, _, labels, meta in sets:
             if labels is None or "guidance" not in meta or "strength" not in meta:
                 fail(f"{path} has no labels/guidance/strength: --tradeoff takes the .npz files that "
                      f"src_cfg.py and src_classifier_free.py write with --save-npz")
-    model, ckpt = load_classifier(args, device)
+    networks = load_networks(args, device)
     results = []
     for path, images, labels, meta in sets:
-        result = dict(score(model, ckpt, images, labels, device, args.data_root, args.seed), file=path, **meta)
+        result = dict(score(networks, images, labels, device, args.data_root, args.seed), file=path, **meta)
         results.append(result)
         if args.json:
             print(json.dumps(result))

@@ -1,27 +1,36 @@
 """
-Chapter 3 - DDIM (Song et al. 2021): the same trained model, 20x-50x fewer steps.
+Chapter 3 - fast sampling: the same trained model, 20x-100x fewer network calls (DDIM, DPM-Solver++).
 
 Usage (copy-paste):
-    python sample_ddim.py                           # grids at 20, 50, 100 steps + DDPM-1000, a timing table
-    python sample_ddim.py --steps 10 --eta 0.5      # fewer steps, some stochasticity
-    python sample_ddim.py --steps 50 --num-samples 2000 --save-npz ddim50.npz --no-ddpm   # for evaluate.py
+    python sample_ddim.py                           # DDIM grids at 20, 50, 100 calls + DDPM-1000, a timing table
+    python sample_ddim.py --steps 50 --eta 1        # the same 50 calls with fresh noise at every step
+    python sample_ddim.py --sampler ddim dpmpp-2m dpmpp-2m-sde --steps 10 20 50   # one figure row per pair
+    python sample_ddim.py --sampler dpmpp-2m-sde --steps 20 --num-samples 2000 --save-npz s20.npz   # for evaluate.py
 
 It loads diffusion_model_final.pt from `python src.py` (EMA weights) and rebuilds the exact UNet from the config
-stored inside. Nothing is retrained: DDIM is only a different way to walk from noise to a digit.
+stored inside. Nothing is retrained: a sampler is only a way to walk from noise to a digit. --steps K always
+means K network calls, whatever the sampler.
+
+Samplers (--sampler):
+    ddim          Song et al. 2021. --eta 0: deterministic (an ODE); --eta 1: DDPM's ancestral step, strided.
+    dpmpp-2m      DPM-Solver++(2M) (Lu et al. 2022): the same ODE as DDIM eta=0, solved to second order.
+    dpmpp-2m-sde  its stochastic twin (SDE-DPM-Solver++(2M)): second order, with fresh noise like eta=1.
 
 What comes out (in --out-dir):
-    ddim_samples_{K}_steps.png      a grid for each step count K (the same starting noise for every K)
-    ddpm_samples_1000_steps.png     the 1000-step ancestral sampler of src.py, same starting noise
-    ddim_comparison.png             rows = step counts, columns = the same noise: the digits converge
+    {sampler}_samples_{K}_steps.png a grid for each sampler and call count K (the same starting noise for all)
+    ddpm_samples_1000_steps.png     the 1000-step ancestral sampler of src.py, same starting noise (one batch)
+    ddim_comparison.png             rows = samplers, columns = the same noise: the digits converge
     ddim_inversion.png              real digit -> noise (deterministic ODE) -> reconstruction
 
-What we learned (the idea in four lines):
+What we learned:
   * DDPM's reverse step is random; DDIM shows that a whole family of samplers shares the SAME training objective,
     indexed by η: η = 1 is DDPM's ancestral step, η = 0 is deterministic (an ODE - noise maps to one digit).
-  * A deterministic path can take big strides, so 50 of the 1000 timesteps are enough.
+  * A deterministic path can take big strides, so 50 of the 1000 timesteps are enough to draw a digit.
   * Deterministic also means invertible: run the ODE forwards and you get the noise that draws a given digit.
-  * But deterministic also means the model's small errors are never washed out. On our small CPU model the same 50
-    steps with η = 1 (fresh noise at every step, same speed) score a much better FID than η = 0 (README, ch. 3).
+  * But deterministic also means the model's small errors are never washed out: on a small model the same 50
+    calls with η = 1 (fresh noise at every step) give clearly better digits than η = 0.
+  * A second-order solver (DPM-Solver++) reuses the previous step's prediction to bend its stride along the
+    curve: the same path in fewer calls. Its stochastic twin adds the fresh noise back.
 """
 import argparse
 import math
@@ -29,30 +38,40 @@ import os
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import save_image
 from tqdm import tqdm
+
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
+SAMPLERS = ["ddim", "dpmpp-2m", "dpmpp-2m-sde"]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDIM sampling (and inversion) from src.py's trained DDPM.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="made by `python src.py`")
-    p.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100], help="DDIM step counts to compare")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="0 = deterministic DDIM, 1 = DDPM-like noise (the better FID at 50 steps on our small "
-                        "CPU model, README ch. 3)")
-    p.add_argument("--spacing", choices=["uniform", "trailing"], default="uniform",
-                   help="which K of the 1000 timesteps to visit. uniform: evenly from 999 down to 0; "
-                        "trailing: 999, 999-T/K, ..., T/K-1 (Lin et al. 2024). Both end with a step to x_0")
-    p.add_argument("--num-samples", type=int, default=64, help="digits per grid")
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument("--sampler", choices=SAMPLERS, nargs="+", default=["ddim"],
+                   help="which sampler(s); see the top of this file")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[20, 50, 100],
+                   help="network calls per sample (one grid per sampler and count)")
+    p.add_argument("--eta", type=eta_value, default=0.0,
+                   help="ddim only: 0 = deterministic, 1 = fresh DDPM-like noise at every step")
+    p.add_argument("--spacing", choices=["uniform", "trailing", "quadratic"], default="uniform",
+                   help="which K of the 1000 timesteps to visit (see ddim_timesteps); all end with a step to x_0")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="digits per grid")
+    p.add_argument("--batch-size", type=positive_int, default=256,
                    help="images per network call (a huge batch is slower on a CPU: it falls out of the caches)")
-    p.add_argument("--no-ddpm", action="store_true", help="skip the (slow) 1000-step DDPM reference row")
+    p.add_argument("--no-ddpm", action="store_true",
+                   help="skip the 1000-step DDPM reference row (drawn for one batch only: figure and timing)")
     p.add_argument("--no-inversion", action="store_true", help="skip the DDIM inversion figure")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="MNIST (torchvision layout) for the inversion figure's real digits; env var MNIST_ROOT")
@@ -63,9 +82,21 @@ def parse_args(argv=None):
                    help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
     p.add_argument("--out-dir", default=".", help="where pictures go")
     p.add_argument("--save-npz", default=None, metavar="PATH",
-                   help="export samples (`images` uint8 N x 28 x 28); with several --steps, one file per count "
-                        "with the count in its name (PATH_50steps.npz)")
+                   help="export samples (`images` uint8 N x 28 x 28); with several samplers or counts, one file "
+                        "each, named after them (PATH_dpmpp-2m_20steps.npz)")
     return p.parse_args(argv)
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def eta_value(s):
+    if not 0 <= float(s) <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 (deterministic) and 1 (DDPM-like), got {s}")
+    return float(s)
 
 
 def fail(message):
@@ -88,7 +119,7 @@ def pick_device(name):
 
 
 def use_bf16(choice, device):
-    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
@@ -126,7 +157,7 @@ def to_uint8(x):
 # ----------------------------------------------------------------------------------------------------
 # 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
 # ----------------------------------------------------------------------------------------------------
-def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+def ddpm_schedule(T, beta_1, beta_T):
     """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
     alpha = 1.0 - beta  # α_t = 1 - β_t
@@ -269,13 +300,18 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
 # 5. Sampling: the DDIM update, and its inverse
 # ----------------------------------------------------------------------------------------------------
 def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
-
-    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
+    the digits would keep the little noise that is left at the last visited t.
+    uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
-    else:
+    elif spacing == "trailing":
         steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    else:
+        steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
+        for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
+            steps[i] = max(steps[i], steps[i + 1] + 1)
     return steps.tolist()
 
 
@@ -328,96 +364,119 @@ def invert_ddim(model, sched, x0, steps, spacing="uniform", bf16=False):
     return x
 
 
-def npz_path(path, steps, several):
-    """One file per step count when there are several: out.npz -> out_50steps.npz."""
-    if not several:
-        return path
-    stem, ext = os.path.splitext(path)
-    return f"{stem}_{steps}steps{ext or '.npz'}"
+def log_snr(alpha_bar):
+    """λ = log(α/σ) with α = √ᾱ, σ = √(1-ᾱ): half the log signal-to-noise ratio. DPM-Solver steps in λ.
+    It grows as the noise shrinks, to +∞ at the clean end (ᾱ = 1)."""
+    return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+
+
+def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, noise=None):
+    """One DPM-Solver++(2M) update from x_s to x_t (Lu et al. 2022, Algorithm 2), in data (x_0) prediction.
+    With `noise`: SDE-DPM-Solver++(2M), the stochastic variant. Returns x_t and the step size h (for the next step).
+
+    Between s and t the solver integrates the ODE exactly for an x_0 prediction that is a straight line in λ.
+    prev_pred_x0 = None gives the first-order step (a constant x_0): that is DDIM η=0 (ODE) or η=1 (SDE)."""
+    alpha_t, sigma_s, sigma_t = alpha_bar_next.sqrt(), (1 - alpha_bar).sqrt(), (1 - alpha_bar_next).sqrt()
+    h = log_snr(alpha_bar_next) - log_snr(alpha_bar)  # the step size in λ (> 0: towards less noise)
+    # D: the x_0 the step assumes. First order: this step's prediction. Second order: extrapolate the line through
+    # the previous and this prediction, D = x̂_0(s) + (x̂_0(s) - x̂_0(prev)) / (2r), with r = h_prev / h.
+    D = pred_x0 if prev_pred_x0 is None else pred_x0 + (pred_x0 - prev_pred_x0) * (h / (2 * h_prev))
+    if noise is None:
+        # ODE: x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D           (expm1(u) = e^u - 1, accurate for small u)
+        return sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D, h
+    # SDE: x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z
+    # (more of x_s is replaced by D and by fresh noise z than in the ODE: errors are washed out, not carried)
+    keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+    return sigma_t / sigma_s * (-h).exp() * x + alpha_t * keep * D + sigma_t * keep.sqrt() * noise, h
+
+
+def solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise):
+    """Step i of a sampler, from ᾱ = alpha_bars[i] to alpha_bars[i + 1], given the (possibly guided) noise prediction.
+    First order: DDIM with its η. Second order: DPM-Solver++(2M), the ODE for η = 0, the SDE for η = 1; it uses
+    `previous` = (x_0 prediction, step size h) of step i-1. Returns x at the next level, and this step's pair."""
+    alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+    if not second_order:
+        return ddim_step(x, pred_noise, alpha_bar, alpha_bar_next, eta, noise), None
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()  # ε -> x_0, as in DDIM
+    last = i + 2 == len(alpha_bars)  # the final step lands on ᾱ = 1, where λ = ∞: first order, no noise
+    prev_pred_x0, h_prev = (None, None) if previous is None or last else previous
+    x, h = dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next,
+                         noise if eta > 0 and not last else None)
+    return x, (pred_x0, h)
+
+
+@torch.no_grad()
+def sample_dpmpp(model, sched, x_T, steps, stochastic=False, spacing="uniform", bf16=False, generator=None,
+                 progress=True):
+    """DPM-Solver++(2M) from the noise x_T to digits in `steps` model calls: first order on the first step (no
+    previous prediction yet) and on the last, second order in between. stochastic=True: the SDE variant."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T, spacing)
+    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
+    eta = 1.0 if stochastic else 0.0
+    x, previous = x_T, None
+    name = "DPM-Solver++(2M) SDE" if stochastic else "DPM-Solver++(2M)"
+    for i, t in enumerate(tqdm(timesteps, desc=f"{name} {steps} steps", disable=not progress, leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if stochastic else None
+        x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, True, eta, noise)
+    return x
+
+
+def run_sampler(name, model, sched, x_T, steps, args, bf16, generator):
+    """One sampler by its --sampler name with this run's settings; "ddpm" = the ancestral reference (DDIM η=1,
+    every timestep)."""
+    if name == "ddpm":
+        return sample_ddim(model, sched, x_T, steps, 1.0, "uniform", bf16, generator)
+    if name == "ddim":
+        return sample_ddim(model, sched, x_T, steps, args.eta, args.spacing, bf16, generator)
+    return sample_dpmpp(model, sched, x_T, steps, name == "dpmpp-2m-sde", args.spacing, bf16, generator)
+
+
+def clock(device):
+    """time.perf_counter() once the device has finished its queued work (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
 
 
 # ----------------------------------------------------------------------------------------------------
 # 6. Outputs
 # ----------------------------------------------------------------------------------------------------
 def save_grid(images_uint8, path, nrow=8):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(images_uint8)
-    rows = math.ceil(n / nrow)
-    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
-    for i, img in enumerate(images_uint8.numpy()):
-        r, c = divmod(i, nrow)
-        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
-    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+    """Tiles digits (uint8 [N, 28, 28]) into one PNG, `nrow` to a row, with a thin black border between them."""
+    save_image(images_uint8.unsqueeze(1).float() / 255, path, nrow=nrow, padding=2)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if any(k < 1 for k in args.steps):
-        fail(f"--steps must be >= 1, got {args.steps}")
-    if not 0 <= args.eta <= 1:
-        fail(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {args.eta}")
-    if args.num_samples < 1 or args.batch_size < 1:
-        fail(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
-    device = pick_device(args.device)
-    bf16 = use_bf16(args.bf16, device)
-    ckpt = load_checkpoint(args.checkpoint, device)
-    T = ckpt["config"]["schedule"]["T"]
-    if any(k > T for k in args.steps):
-        fail(f"--steps can be at most the {T} timesteps the model was trained with, got {args.steps}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
-    model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
-    sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
-    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | {args.checkpoint}: "
-          f"step {ckpt['step']}, EMA weights | eta {args.eta}, {args.spacing} spacing")
+def npz_path(path, sampler, steps, args):
+    """One file per sampler and call count when there are several: out.npz -> out_dpmpp-2m_20steps.npz."""
+    stem, ext = os.path.splitext(path)
+    parts = ([sampler] if len(args.sampler) > 1 else []) + ([f"{steps}steps"] if len(args.steps) > 1 else [])
+    return "_".join([stem] + parts) + (ext or ".npz") if parts else path
 
-    # The SAME starting noise for every step count, so the figures show the same digits converging.
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    x_T = torch.randn(args.num_samples, 1, 28, 28, generator=generator).to(device)
-    # warm-up at the real batch shape (the first call for a new shape sets up kernels): excluded from the timings
-    sample_ddim(model, sched, x_T[:args.batch_size], 2, bf16=bf16, progress=False)
 
-    runs = [(k, args.eta, f"DDIM {k} steps (η={args.eta:g})", f"ddim_samples_{k}_steps.png") for k in args.steps]
-    if not args.no_ddpm:
-        runs.append((T, 1.0, f"DDPM {T} steps (ancestral)", f"ddpm_samples_{T}_steps.png"))
-    results = []
-    for steps, eta, name, filename in runs:
-        noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
-        start = time.perf_counter()
-        images = torch.cat([to_uint8(sample_ddim(model, sched, chunk, steps, eta, args.spacing, bf16, noise_gen))
-                            for chunk in x_T.split(args.batch_size)])
-        seconds = time.perf_counter() - start
-        results.append((name, steps, images, seconds))
-        save_grid(images[:100], os.path.join(args.out_dir, filename), nrow=10 if len(images) > 64 else 8)
-        if args.save_npz and name.startswith("DDIM"):
-            path = npz_path(args.save_npz, steps, len(args.steps) > 1)
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            np.savez_compressed(path, images=images.numpy())
-            print(f"wrote {path} ({len(images)} images)")
+def save_npz(path, images):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, images=images.numpy())
+    print(f"wrote {path} ({len(images)} images)")
 
-    # Timing table: seconds per image, and how much faster than the 1000-step ancestral sampler
-    ddpm_seconds = results[-1][3] if not args.no_ddpm else None
+
+def print_timing(results, T, batches, device):
+    """Seconds per image, and how much faster than the 1000-step ancestral sampler (when it ran)."""
+    ddpm = [seconds / len(images) for name, _, images, seconds in results if name.startswith("DDPM")]
     print(f"\n| sampler | model calls | s per image | speed-up vs DDPM-{T} |\n| --- | ---: | ---: | ---: |")
     for name, steps, images, seconds in results:
-        speedup = f"{ddpm_seconds / seconds:.1f}x" if ddpm_seconds else "-"
+        speedup = f"{ddpm[0] / (seconds / len(images)):.1f}x" if ddpm else "-"
         print(f"| {name} | {steps} | {seconds / len(images):.4f} | {speedup} |")
-    print(f"({len(x_T)} images in batches of {args.batch_size} on {device}; warm-up excluded)\n")
-
-    save_comparison(results, os.path.join(args.out_dir, "ddim_comparison.png"))
-    if not args.no_inversion:
-        save_inversion(model, sched, args, device, bf16)
-    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
+    print(f"({batches} on {device}; warm-up excluded)\n")
 
 
 def save_comparison(results, path, columns=10):
     """Rows = samplers, columns = the same starting noise."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     columns = min(columns, len(results[0][2]))
     fig, axes = plt.subplots(len(results), columns, figsize=(columns, len(results) * 1.1), squeeze=False)
     for row, (name, steps, images, seconds) in enumerate(results):
@@ -425,7 +484,7 @@ def save_comparison(results, path, columns=10):
             axes[row, col].imshow(images[col].numpy(), cmap="gray", vmin=0, vmax=255)
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
-        axes[row, 0].set_ylabel(name.split(" (")[0], fontsize=7)
+        axes[row, 0].set_ylabel(name.replace(" (", "\n("), fontsize=6)
     fig.suptitle("same starting noise, different samplers", fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -433,9 +492,6 @@ def save_comparison(results, path, columns=10):
 
 def save_inversion(model, sched, args, device, bf16, n=6, steps=100):
     """original -> DDIM-inverted noise -> reconstruction from that noise."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     images, _ = load_mnist(args.data_root, train=False)
     x0 = to_model_range(images[:n]).to(device)
     x_T = invert_ddim(model, sched, x0, steps, args.spacing, bf16)
@@ -454,6 +510,52 @@ def save_inversion(model, sched, args, device, bf16, n=6, steps=100):
     fig.suptitle(f"DDIM inversion, {steps} steps: mean abs error {error:.3f}", fontsize=9)
     fig.savefig(os.path.join(args.out_dir, "ddim_inversion.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    T = ckpt["config"]["schedule"]["T"]
+    if any(k > T for k in args.steps):
+        fail(f"--steps can be at most the {T} timesteps the model was trained with, got {args.steps}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | {args.checkpoint}: "
+          f"step {ckpt['step']}, EMA weights | {', '.join(args.sampler)}, eta {args.eta:g} (ddim), "
+          f"{args.spacing} spacing")
+
+    # The SAME starting noise for every sampler and step count, so the figures show the same digits converging.
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    x_T = torch.randn(args.num_samples, 1, 28, 28, generator=generator).to(device)
+    # warm-up at the real batch shape (the first call for a new shape sets up kernels): excluded from the timings
+    sample_ddim(model, sched, x_T[:args.batch_size], 2, bf16=bf16, progress=False)
+
+    eta_note = f" (η={args.eta:g})"
+    runs = [(f"{s} {k} steps{eta_note if s == 'ddim' else ''}", s, k, x_T) for s in args.sampler for k in args.steps]
+    if not args.no_ddpm:  # the reference: one batch only, enough for the figure's columns and the timing table
+        runs.append((f"DDPM {T} steps (ancestral)", "ddpm", T, x_T[:args.batch_size]))
+    results = []
+    for label, sampler, steps, noise in runs:
+        noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
+        start = clock(device)
+        images = torch.cat([to_uint8(run_sampler(sampler, model, sched, chunk, steps, args, bf16, noise_gen))
+                            for chunk in noise.split(args.batch_size)])
+        results.append((label, steps, images, clock(device) - start))
+        save_grid(images[:100], os.path.join(args.out_dir, f"{sampler}_samples_{steps}_steps.png"),
+                  nrow=10 if len(images) > 64 else 8)
+        if args.save_npz and sampler != "ddpm":
+            save_npz(npz_path(args.save_npz, sampler, steps, args), images)
+    print_timing(results, T, f"{len(x_T)} images in batches of {args.batch_size}", device)
+    save_comparison(results, os.path.join(args.out_dir, "ddim_comparison.png"))
+    if not args.no_inversion:
+        save_inversion(model, sched, args, device, bf16)
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,16 @@ import signal
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import save_image
 from tqdm import tqdm
+
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config: every knob in one place. The model/schedule part is saved into the checkpoint, so the other
@@ -37,6 +42,8 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------
 FINAL_NAME = "diffusion_model_final.pt"
 LAST_NAME = "diffusion_model_last.pt"
+SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # the DDPM paper's linear noise schedule (Sec. 4)
+PREVIEW_DIGITS, PREVIEW_STEPS = 16, 50  # the per-epoch preview grid: how many digits, how many sampling steps
 
 
 def parse_args(argv=None):
@@ -53,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per training (and sampling) step")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
+    p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights, used for sampling")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss)")
     p.add_argument("--base-channels", type=positive_int, default=None,
@@ -87,6 +94,12 @@ def positive_float(s):
     return float(s)
 
 
+def ema_decay(s):
+    if not 0 <= float(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return float(s)
+
+
 def fail(message):
     """Bad input ends the run with one clear line, not a traceback."""
     sys.exit(f"error: {message}")
@@ -107,7 +120,7 @@ def pick_device(name):
 
 
 def use_bf16(choice, device):
-    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
@@ -118,8 +131,8 @@ def use_bf16(choice, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Data: all 60k digits fit in memory as one uint8 tensor (47 MB), so batches are plain tensor indexing -
-#    much faster on a 2-core laptop than a DataLoader that decodes one PIL image at a time.
+# 2. Data: all 60k digits fit in memory as one float32 tensor on the device (188 MB), so batches are plain tensor
+#    indexing - much faster on a 2-core laptop than a DataLoader that decodes one PIL image at a time.
 # ----------------------------------------------------------------------------------------------------
 def load_mnist(root, train=True):
     """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
@@ -146,7 +159,7 @@ def to_uint8(x):
 # ----------------------------------------------------------------------------------------------------
 # 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
 # ----------------------------------------------------------------------------------------------------
-def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+def ddpm_schedule(T, beta_1, beta_T):
     """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
     alpha = 1.0 - beta  # α_t = 1 - β_t
@@ -311,29 +324,6 @@ def diffusion_loss(model, x0, sched, min_snr_gamma=5.0):
     return per_sample.mean()
 
 
-@torch.no_grad()
-def sample_ddpm(model, sched, n, device, bf16=False, generator=None, snapshot_steps=(), progress=True):
-    """DDPM Algorithm 2 (ancestral sampling): start from pure noise and denoise for all T steps.
-
-    Returns the final images and {t: x_t} for each t in snapshot_steps (the denoising-process figure)."""
-    T = sched["alpha_bar"].shape[0]
-    x = torch.randn(n, 1, 28, 28, device=device, generator=generator)  # x_T ~ N(0, I)
-    snapshots = {}
-    for t in tqdm(reversed(range(T)), total=T, desc="DDPM sampling", disable=not progress, leave=False):
-        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred_noise = model(x, t_batch).float()
-        beta, alpha, alpha_bar = sched["beta"][t], sched["alpha"][t], sched["alpha_bar"][t]
-        # Posterior mean: μ = 1/√α_t · (x_t - β_t/√(1-ᾱ_t) · ε_θ(x_t, t))
-        mean = (x - beta / (1 - alpha_bar).sqrt() * pred_noise) / alpha.sqrt()
-        # x_{t-1} = μ + σ_t z with σ_t² = β̃_t (no noise on the last step, t = 0)
-        z = torch.randn(x.shape, device=device, generator=generator) if t > 0 else torch.zeros_like(x)
-        x = mean + sched["posterior_var"][t].sqrt() * z
-        if t in snapshot_steps:
-            snapshots[t] = x.clone()
-    return x, snapshots
-
-
 class EMA:
     """Exponential moving average of the weights: a smoother model that samples visibly better."""
 
@@ -362,45 +352,49 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def train(args, config, device, bf16, out_dir):
+def resume(args, config, model, ema, optimizer, device):
+    """Loads --resume's checkpoint into the model, EMA and optimizer; returns its step count and loss history."""
+    path = args.resume or os.path.join(args.out_dir, LAST_NAME)
+    if not os.path.isfile(path):
+        fail(f"--resume: no checkpoint at {path} (a run of src.py writes {LAST_NAME} after each epoch)")
+    ckpt = load_checkpoint(path, device)
+    if ckpt["config"] != config:
+        fail(f"--resume: {path} was trained with another architecture/schedule {ckpt['config']}; "
+             f"pass the same flags or another --out-dir")
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']})")
+    return ckpt["step"], list(ckpt["losses"]), list(ckpt.get("previews", []))
+
+
+def train(args, config, device, bf16):
+    """Algorithm 1 over the data for --epochs or --minutes; a checkpoint and a preview grid after every epoch."""
     images, _ = load_mnist(args.data_root, train=True)
     data = to_model_range(images).to(device)  # [60000, 1, 28, 28] in [-1, 1]
     if len(data) < args.batch_size:
         fail(f"only {len(data)} training images but --batch-size {args.batch_size}")
     sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
     model = build_model(config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | "
-          f"UNet {n_params / 1e6:.2f}M parameters, base width {config['base_channels']}")
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | UNet "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, base width {config['base_channels']}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = EMA(model, args.ema_decay)
     steps_per_epoch = len(data) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
-    step, losses = 0, []
-
+    step, losses, previews = 0, [], []
     if args.resume is not None:
-        path = args.resume or os.path.join(out_dir, LAST_NAME)
-        if not os.path.isfile(path):
-            fail(f"--resume: no checkpoint at {path} (a run of src.py writes {LAST_NAME} after each epoch)")
-        ckpt = load_checkpoint(path, device)
-        if ckpt["config"] != config:
-            fail(f"--resume: {path} was trained with another architecture/schedule {ckpt['config']}; "
-                 f"pass the same flags or another --out-dir")
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, losses = ckpt["step"], list(ckpt["losses"])
-        print(f"resumed from {path} at step {step} (epoch {step // steps_per_epoch})")
+        step, losses, previews = resume(args, config, model, ema, optimizer, device)
 
     def checkpoint():
         return {"kind": "ddpm", "config": config, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch, "losses": losses}
+                "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                "losses": losses, "previews": previews}
 
     budget_s = args.minutes * 60 if args.minutes else float("inf")
     start, start_step = time.time(), step
     generator = torch.Generator(device="cpu").manual_seed(args.seed + step)  # batch order, reproducible
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step")
-    interrupted = False
     try:
         while step < total_steps and time.time() - start < budget_s:
             order = torch.randperm(len(data), generator=generator).to(device)
@@ -422,49 +416,82 @@ def train(args, config, device, bf16, out_dir):
                 losses.append(loss.item())
                 bar.update(1)
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}",
-                                    epoch=step // steps_per_epoch, min=f"{elapsed / 60:.1f}")
-            save_atomic(checkpoint(), os.path.join(out_dir, LAST_NAME))  # per-epoch (or budget end) checkpoint
+                    bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", epoch=step // steps_per_epoch,
+                                    min=f"{elapsed / 60:.1f}")
+            previews.append(save_preview(ema.model, sched, args, device, bf16))  # what the EMA model draws now
+            save_atomic(checkpoint(), os.path.join(args.out_dir, LAST_NAME))  # per-epoch (or budget end)
     except KeyboardInterrupt:
-        interrupted = True
+        save_atomic(checkpoint(), os.path.join(args.out_dir, LAST_NAME))
+        print(f"\ninterrupted at step {step}: saved {os.path.join(args.out_dir, LAST_NAME)}; "
+              f"continue with `python src.py --resume --out-dir {args.out_dir}`")
+        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
     bar.close()
     seconds = time.time() - start
-    save_atomic(checkpoint(), os.path.join(out_dir, LAST_NAME))
-    if interrupted:
-        print(f"\ninterrupted at step {step}: saved {os.path.join(out_dir, LAST_NAME)}; "
-              f"continue with `python src.py --resume --out-dir {out_dir}`")
-        sys.exit(130)
     print(f"trained {step - start_step} steps in this run, {step} in all "
           f"({(step - start_step) * args.batch_size / seconds:.0f} img/s over {seconds / 60:.1f} min)")
     final = checkpoint()
     del final["optimizer"]  # the final file is for sampling; the resumable state is in LAST_NAME
-    save_atomic(final, os.path.join(out_dir, FINAL_NAME))
-    return ema.model, losses
+    final["throughput"] = {"steps": step - start_step, "seconds": seconds,  # this run's training speed
+                           "images_per_second": (step - start_step) * args.batch_size / seconds}
+    save_atomic(final, os.path.join(args.out_dir, FINAL_NAME))
+    return ema.model, losses, previews
+
+
+@torch.no_grad()
+def sample_ddpm(model, sched, n, device, bf16=False, generator=None, snapshot_steps=(), progress=True, steps=None):
+    """DDPM Algorithm 2 (ancestral sampling): start from pure noise and denoise, one timestep after the other.
+
+    steps=None visits all T timesteps. steps=K visits K of them, evenly spread ("respacing", Nichol & Dhariwal
+    2021): the same update, where each β is the one that takes ᾱ from one visited timestep to the next - a cheap
+    preview. Returns the final images and {t: x_t} for each t in snapshot_steps (the denoising-process figure)."""
+    T = sched["alpha_bar"].shape[0]
+    visited = list(range(T)) if steps is None else np.linspace(0, T - 1, steps).round().astype(int).tolist()
+    alpha_bar = sched["alpha_bar"][visited].cpu().double()  # float64 on the CPU (MPS has none), like the schedule
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    beta = 1 - alpha_bar / alpha_bar_prev  # β_t = 1 - ᾱ_t/ᾱ_{t-1}: with all T timesteps, the schedule's own β_t
+    posterior_std = (beta * (1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt()  # σ_t = √β̃_t
+    alpha_bar, beta, posterior_std = (v.float().to(device) for v in (alpha_bar, beta, posterior_std))
+    x = torch.randn(n, 1, 28, 28, device=device, generator=generator)  # x_T ~ N(0, I)
+    snapshots = {}
+    for i in tqdm(reversed(range(len(visited))), total=len(visited), desc="DDPM sampling", disable=not progress,
+                  leave=False):
+        t_batch = torch.full((n,), visited[i], device=device, dtype=torch.long)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        # Posterior mean: μ = 1/√α_t · (x_t - β_t/√(1-ᾱ_t) · ε_θ(x_t, t)), with α_t = 1 - β_t
+        mean = (x - beta[i] / (1 - alpha_bar[i]).sqrt() * pred_noise) / (1 - beta[i]).sqrt()
+        # x_{t-1} = μ + σ_t z (no noise on the last step, t = 0)
+        z = torch.randn(x.shape, device=device, generator=generator) if i > 0 else torch.zeros_like(x)
+        x = mean + posterior_std[i] * z
+        if visited[i] in snapshot_steps:
+            snapshots[visited[i]] = x.clone()
+    return x, snapshots
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Outputs: sample grid, denoising process, loss curve, optional .npz export
+# 6. Outputs: preview per epoch, sample grid, denoising process, loss curve, optional .npz export
 # ----------------------------------------------------------------------------------------------------
 def save_grid(images_uint8, path, nrow=8):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(images_uint8)
-    rows = math.ceil(n / nrow)
-    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
-    for i, img in enumerate(images_uint8.numpy()):
-        r, c = divmod(i, nrow)
-        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
-    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+    """Tiles digits (uint8 [N, 28, 28]) into one PNG, `nrow` to a row, with a thin black border between them."""
+    save_image(images_uint8.unsqueeze(1).float() / 255, path, nrow=nrow, padding=2)
 
 
-def save_outputs(model, config, losses, args, device, bf16, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def save_preview(model, sched, args, device, bf16):
+    """16 digits from the same noise after every epoch (a 50-step respaced sampler: ~1% of an epoch on a CPU).
+    ddpm_preview.png shows the latest; ddpm_previews.png stacks them, one row per epoch: digits emerge."""
+    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed)
+    images = to_uint8(sample_ddpm(model.eval(), sched, PREVIEW_DIGITS, device, bf16, generator, progress=False,
+                                  steps=PREVIEW_STEPS)[0])
+    save_grid(images, os.path.join(args.out_dir, "ddpm_preview.png"), nrow=PREVIEW_DIGITS)
+    return images
+
+
+def save_outputs(model, config, losses, previews, args, device, bf16):
     sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
     T = sched["alpha_bar"].shape[0]
     model.eval()
+    if previews:
+        save_grid(torch.cat(previews), os.path.join(args.out_dir, "ddpm_previews.png"), nrow=PREVIEW_DIGITS)
     generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed)
     snapshot_steps = sorted({int(round(s)) for s in np.linspace(T - 1, 0, 10)}, reverse=True)
     start = time.time()
@@ -476,43 +503,46 @@ def save_outputs(model, config, losses, args, device, bf16, out_dir):
     print(f"sampled {args.num_samples} digits with {T} DDPM steps in {seconds:.1f}s "
           f"({args.num_samples / seconds:.2f} img/s)")
     images = to_uint8(samples)
-    grid = images[:100]
-    save_grid(grid, os.path.join(out_dir, "ddpm_samples.png"), nrow=10 if len(grid) > 64 else 8)
+    save_grid(images[:100], os.path.join(args.out_dir, "ddpm_samples.png"), nrow=10 if len(images) > 64 else 8)
+    save_denoising_process(snapshots, os.path.join(args.out_dir, "ddpm_denoising_process.png"))
+    if losses:
+        save_loss_curve(losses, os.path.join(args.out_dir, "ddpm_loss_curve.png"))
+    if args.save_npz:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
+        np.savez_compressed(args.save_npz, images=images.numpy())
+        print(f"wrote {args.save_npz} ({len(images)} images)")
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
-    # Denoising process: rows = 6 samples, columns = x_t from t = T-1 (noise) to t = 0 (digit)
-    n_show = min(6, args.num_samples)
-    fig, axes = plt.subplots(n_show, len(snapshot_steps), figsize=(len(snapshot_steps), n_show), squeeze=False)
-    for col, t in enumerate(snapshot_steps):
+
+def save_denoising_process(snapshots, path, n_show=6):
+    """Rows = a few samples, columns = x_t from t = T-1 (noise) to t = 0 (digit)."""
+    steps = list(snapshots)
+    n_show = min(n_show, len(snapshots[steps[0]]))
+    fig, axes = plt.subplots(n_show, len(steps), figsize=(len(steps), n_show), squeeze=False)
+    for col, t in enumerate(steps):
         for row in range(n_show):
             axes[row, col].imshow(snapshots[t][row, 0].clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
             axes[row, col].axis("off")
         axes[0, col].set_title(f"t={t}", fontsize=8)
     fig.suptitle("reverse process: noise -> digit", fontsize=9)
-    fig.savefig(os.path.join(out_dir, "ddpm_denoising_process.png"), dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-    if losses:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(losses, alpha=0.3, lw=0.5, label="per step")
-        window = min(100, len(losses))
-        ax.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, "valid"),
-                label=f"mean of {window}")
-        ax.set(xlabel="step", ylabel="loss", yscale="log", title="DDPM training loss")
-        ax.legend()
-        fig.savefig(os.path.join(out_dir, "ddpm_loss_curve.png"), dpi=100, bbox_inches="tight")
-        plt.close(fig)
 
-    if args.save_npz:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
-        np.savez_compressed(args.save_npz, images=images.numpy())
-        print(f"wrote {args.save_npz} ({len(images)} images)")
-    print(f"wrote pictures to {os.path.abspath(out_dir)}")
+def save_loss_curve(losses, path):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, lw=0.5, label="per step")
+    window = min(100, len(losses))
+    ax.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, "valid"),
+            label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="DDPM training loss")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not 0 <= args.ema_decay < 1:
-        fail(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
@@ -527,16 +557,16 @@ def main(argv=None):
         path = os.path.join(args.out_dir, FINAL_NAME)
         ckpt = load_checkpoint(path, device)
         model = model_from_checkpoint(ckpt, path).to(device)
-        save_outputs(model, ckpt["config"], ckpt["losses"], args, device, bf16, args.out_dir)
+        save_outputs(model, ckpt["config"], ckpt["losses"], [], args, device, bf16)
         return
 
     config = {"base_channels": args.base_channels or (16 if device.type == "cpu" else 64),
-              "channel_mults": [1, 2, 4], "attention": not args.no_attention,
-              "schedule": {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}}
+              "channel_mults": [1, 2, 4], "attention": not args.no_attention, "schedule": SCHEDULE}
     # Ctrl-C in the middle of a step raises KeyboardInterrupt; train() catches it and saves.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    ema_model, losses = train(args, config, device, bf16, args.out_dir)
-    save_outputs(ema_model, config, losses, args, device, bf16, args.out_dir)
+    ema_model, losses, previews = train(args, config, device, bf16)
+    save_outputs(ema_model, config, losses, previews, args, device, bf16)
+
 
 if __name__ == "__main__":
     main()

@@ -34,15 +34,23 @@ import os
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
+
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
+SAMPLERS = {"ddim": (False, 0.0), "ddpm": (False, 1.0),  # name: (second order?, η); see sample_ddim.py
+            "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0)}
+DEFAULT_SAMPLER = "ddim"
 CLASSIFIER_NAME = "noisy_classifier.pt"
 
 
@@ -50,20 +58,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classifier guidance: steer src.py's DDPM to chosen digits.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="made by `python src.py`")
-    p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw")
-    p.add_argument("--scales", type=float, nargs="+", default=[3.0, 8.0],
+    p.add_argument("--digits", type=digit, nargs="+", default=list(range(10)), help="digits to draw")
+    p.add_argument("--scales", type=non_negative_float, nargs="+", default=[3.0, 8.0],
                    help="guidance scales s (0 = unguided; larger = more on-class, less varied)")
-    p.add_argument("--num-samples", type=int, default=8, help="samples per digit and scale")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
-                   help="ddim: deterministic DDIM with --steps (default, so a CPU learner is not left waiting); "
-                        "ddpm: the 1000-step ancestral sampler of src.py")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (ignored by --sampler ddpm)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per network call when sampling")
+    p.add_argument("--num-samples", type=positive_int, default=8, help="samples per digit and scale")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help="ddim: deterministic DDIM; ddpm: the 1000-step ancestral sampler (ignores --steps); "
+                        "dpmpp-2m / dpmpp-2m-sde: DPM-Solver++(2M), deterministic / stochastic (sample_ddim.py)")
+    p.add_argument("--steps", type=positive_int, default=50, help="network calls per sample (not for --sampler ddpm)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per network call when sampling")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="MNIST (torchvision layout), to train the noisy classifier; env var MNIST_ROOT")
     p.add_argument("--classifier", default=None, help=f"classifier cache (default: OUT_DIR/{CLASSIFIER_NAME})")
     p.add_argument("--retrain-classifier", action="store_true", help="train the noisy classifier again")
-    p.add_argument("--classifier-epochs", type=int, default=8,
+    p.add_argument("--classifier-epochs", type=positive_int, default=8,
                    help="epochs of noisy-classifier training (a few minutes on a CPU, once: it is cached)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the starting noise)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -75,6 +83,24 @@ def parse_args(argv=None):
                    help="export samples: `images` uint8 N x 28 x 28, `labels` = the requested digits, the scale and "
                         "the sampling time; with several --scales one file per scale (PATH_scale3.npz)")
     return p.parse_args(argv)
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def non_negative_float(s):
+    if not float(s) >= 0 or not math.isfinite(float(s)):  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return float(s)
+
+
+def digit(s):
+    if not 0 <= int(s) <= 9:
+        raise argparse.ArgumentTypeError(f"must be a digit 0-9, got {s}")
+    return int(s)
 
 
 def fail(message):
@@ -97,7 +123,7 @@ def pick_device(name):
 
 
 def use_bf16(choice, device):
-    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
@@ -135,7 +161,7 @@ def to_uint8(x):
 # ----------------------------------------------------------------------------------------------------
 # 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
 # ----------------------------------------------------------------------------------------------------
-def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+def ddpm_schedule(T, beta_1, beta_T):
     """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
     alpha = 1.0 - beta  # α_t = 1 - β_t
@@ -318,7 +344,7 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def train_classifier(args, sched, device, bf16, path):
+def train_classifier(args, schedule, sched, device, bf16, path):
     """Train on exactly what the sampler will show it: q(x_t | x_0) at a random t, with the same schedule."""
     images, labels = load_mnist(args.data_root, train=True)
     data, labels = to_model_range(images).to(device), labels.to(device)
@@ -344,18 +370,18 @@ def train_classifier(args, sched, device, bf16, path):
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    save_atomic({"kind": "noisy_classifier", "schedule": args.schedule, "model": classifier.state_dict()}, path)
+    save_atomic({"kind": "noisy_classifier", "schedule": schedule, "model": classifier.state_dict()}, path)
     print(f"saved {path}")
     return classifier.eval()
 
 
-def get_classifier(args, sched, device, bf16):
+def get_classifier(args, schedule, sched, device, bf16):
     """The cached classifier, or a freshly trained one if missing, unreadable, for another schedule, or asked."""
     path = args.classifier or os.path.join(args.out_dir, CLASSIFIER_NAME)
     if os.path.isfile(path) and not args.retrain_classifier:
         try:
             ckpt = torch.load(path, map_location=device, weights_only=True)
-            if ckpt.get("kind") != "noisy_classifier" or ckpt["schedule"] != args.schedule:
+            if ckpt.get("kind") != "noisy_classifier" or ckpt["schedule"] != schedule:
                 raise ValueError("made for another schedule or by another script")
             classifier = NoisyClassifier().to(device)
             classifier.load_state_dict(ckpt["model"])
@@ -363,7 +389,7 @@ def get_classifier(args, sched, device, bf16):
             return classifier.eval()
         except Exception as e:
             print(f"{path} can't be used ({type(e).__name__}: {str(e)[:80]}); training it again")
-    return train_classifier(args, sched, device, bf16, path)
+    return train_classifier(args, schedule, sched, device, bf16, path)
 
 
 @torch.no_grad()
@@ -386,13 +412,18 @@ def classifier_accuracy_by_noise(classifier, sched, args, device, timesteps=(0, 
 # 5. Guided sampling
 # ----------------------------------------------------------------------------------------------------
 def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
-
-    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
+    the digits would keep the little noise that is left at the last visited t.
+    uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
-    else:
+    elif spacing == "trailing":
         steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    else:
+        steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
+        for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
+            steps[i] = max(steps[i], steps[i + 1] + 1)
     return steps.tolist()
 
 
@@ -408,6 +439,47 @@ def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
     return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
 
 
+def log_snr(alpha_bar):
+    """λ = log(α/σ) with α = √ᾱ, σ = √(1-ᾱ): half the log signal-to-noise ratio. DPM-Solver steps in λ.
+    It grows as the noise shrinks, to +∞ at the clean end (ᾱ = 1)."""
+    return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+
+
+def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, noise=None):
+    """One DPM-Solver++(2M) update from x_s to x_t (Lu et al. 2022, Algorithm 2), in data (x_0) prediction.
+    With `noise`: SDE-DPM-Solver++(2M), the stochastic variant. Returns x_t and the step size h (for the next step).
+
+    Between s and t the solver integrates the ODE exactly for an x_0 prediction that is a straight line in λ.
+    prev_pred_x0 = None gives the first-order step (a constant x_0): that is DDIM η=0 (ODE) or η=1 (SDE)."""
+    alpha_t, sigma_s, sigma_t = alpha_bar_next.sqrt(), (1 - alpha_bar).sqrt(), (1 - alpha_bar_next).sqrt()
+    h = log_snr(alpha_bar_next) - log_snr(alpha_bar)  # the step size in λ (> 0: towards less noise)
+    # D: the x_0 the step assumes. First order: this step's prediction. Second order: extrapolate the line through
+    # the previous and this prediction, D = x̂_0(s) + (x̂_0(s) - x̂_0(prev)) / (2r), with r = h_prev / h.
+    D = pred_x0 if prev_pred_x0 is None else pred_x0 + (pred_x0 - prev_pred_x0) * (h / (2 * h_prev))
+    if noise is None:
+        # ODE: x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D           (expm1(u) = e^u - 1, accurate for small u)
+        return sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D, h
+    # SDE: x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z
+    # (more of x_s is replaced by D and by fresh noise z than in the ODE: errors are washed out, not carried)
+    keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+    return sigma_t / sigma_s * (-h).exp() * x + alpha_t * keep * D + sigma_t * keep.sqrt() * noise, h
+
+
+def solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise):
+    """Step i of a sampler, from ᾱ = alpha_bars[i] to alpha_bars[i + 1], given the (possibly guided) noise prediction.
+    First order: DDIM with its η. Second order: DPM-Solver++(2M), the ODE for η = 0, the SDE for η = 1; it uses
+    `previous` = (x_0 prediction, step size h) of step i-1. Returns x at the next level, and this step's pair."""
+    alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+    if not second_order:
+        return ddim_step(x, pred_noise, alpha_bar, alpha_bar_next, eta, noise), None
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()  # ε -> x_0, as in DDIM
+    last = i + 2 == len(alpha_bars)  # the final step lands on ᾱ = 1, where λ = ∞: first order, no noise
+    prev_pred_x0, h_prev = (None, None) if previous is None or last else previous
+    x, h = dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next,
+                         noise if eta > 0 and not last else None)
+    return x, (pred_x0, h)
+
+
 def classifier_log_prob_grad(classifier, x, t, y):
     """∇_x log p_φ(y | x_t, t) for each sample (in float32: gradients are sensitive to rounding)."""
     with torch.enable_grad():
@@ -418,27 +490,28 @@ def classifier_log_prob_grad(classifier, x, t, y):
 
 
 @torch.no_grad()
-def sample_guided(model, classifier, sched, x_T, y, scale, steps, eta=0.0, bf16=False, generator=None,
+def sample_guided(model, classifier, sched, x_T, y, scale, steps, sampler="ddim", bf16=False, generator=None,
                   progress=True):
-    """DDIM (eta=0, `steps` steps) or DDPM (eta=1, steps=T) with the classifier-guided noise prediction ε̂."""
+    """Any --sampler, with the classifier-guided noise prediction ε̂, in `steps` network calls (ddpm: all T)."""
+    second_order, eta = SAMPLERS[sampler]
     T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(steps, T)
-    one = torch.ones((), device=x_T.device)
-    x = x_T
+    timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, T)
+    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
+    x, previous = x_T, None
     for i, t in enumerate(tqdm(timesteps, desc=f"guided sampling, scale {scale:g}", disable=not progress,
                                leave=False)):
         t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred_noise = model(x, t_batch).float()
-        alpha_bar = sched["alpha_bar"][t]
         if scale != 0:
-            # ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇ log p_φ(y | x_t, t): nudge the noise estimate so that the
-            # step lands where the classifier is more sure of y
+            # ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇ log p_φ(y | x_t, t): nudge the noise estimate so that the step
+            # lands where the classifier is more sure of y. This is the score form of guidance (Dhariwal & Nichol's
+            # Algorithm 2), used here with every sampler - the 1000-step ancestral one too, where their Algorithm 1
+            # shifts the step's mean by s·σ_t²·∇ log p_φ instead. Both push each step towards class y.
             grad = classifier_log_prob_grad(classifier, x, t_batch, y)
-            pred_noise = pred_noise - scale * (1 - alpha_bar).sqrt() * grad
-        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+            pred_noise = pred_noise - scale * (1 - alpha_bars[i]).sqrt() * grad
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
-        x = ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise)
+        x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise)
     return x
 
 
@@ -446,31 +519,17 @@ def sample_guided(model, classifier, sched, x_T, y, scale, steps, eta=0.0, bf16=
 # 6. Outputs
 # ----------------------------------------------------------------------------------------------------
 def save_grid(images_uint8, path, nrow=8):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(images_uint8)
-    rows = math.ceil(n / nrow)
-    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
-    for i, img in enumerate(images_uint8.numpy()):
-        r, c = divmod(i, nrow)
-        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
-    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+    """Tiles digits (uint8 [N, 28, 28]) into one PNG, `nrow` to a row, with a thin black border between them."""
+    save_image(images_uint8.unsqueeze(1).float() / 255, path, nrow=nrow, padding=2)
 
 
 def save_rows(rows, row_labels, path, title):
-    """A figure with one labelled row of 28x28 images per entry of `rows` (each uint8 [n, 28, 28])."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = max(len(r) for r in rows)
-    canvas = np.zeros((len(rows) * 30, n * 30), dtype=np.uint8)
-    for i, images in enumerate(rows):
-        for j, img in enumerate(images.numpy()):
-            canvas[i * 30 + 1:i * 30 + 29, j * 30 + 1:j * 30 + 29] = img
+    """A figure with one labelled row of 28x28 images per entry of `rows` (each uint8 [n, 28, 28], same n)."""
+    n = len(rows[0])
+    grid = make_grid(torch.cat(list(rows)).unsqueeze(1), nrow=n, padding=2)[0]  # each image in a 30x30 cell
     fig, ax = plt.subplots(figsize=(max(3, n * 0.5), len(rows) * 0.5 + 0.6))
-    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
-    ax.set_yticks([i * 30 + 14 for i in range(len(rows))], row_labels, fontsize=8)
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.set_yticks([2 + i * 30 + 14 for i in range(len(rows))], row_labels, fontsize=8)
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -479,31 +538,25 @@ def save_rows(rows, row_labels, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    if any(not 0 <= d <= 9 for d in args.digits):
-        fail(f"--digits must be between 0 and 9, got {args.digits}")
-    if any(s < 0 or not math.isfinite(s) for s in args.scales):
-        fail(f"--scales must be >= 0 (0 = unguided), got {args.scales}")
-    if min(args.num_samples, args.steps, args.classifier_epochs, args.batch_size) < 1:
-        fail("--num-samples, --steps, --classifier-epochs and --batch-size must be >= 1")
     device = pick_device(args.device)
     bf16 = use_bf16(args.bf16, device)
     ckpt = load_checkpoint(args.checkpoint, device)
-    args.schedule = ckpt["config"]["schedule"]
-    T = args.schedule["T"]
-    if args.sampler == "ddim" and args.steps > T:
+    schedule = ckpt["config"]["schedule"]
+    T = schedule["T"]
+    if args.sampler != "ddpm" and args.steps > T:
         fail(f"--steps can be at most the {T} timesteps the model was trained with, got {args.steps}")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
         fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
     model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
-    sched = {k: v.to(device) for k, v in ddpm_schedule(**args.schedule).items()}
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**schedule).items()}
     torch.manual_seed(args.seed)
-    classifier = get_classifier(args, sched, device, bf16)
+    classifier = get_classifier(args, schedule, sched, device, bf16)
     classifier_accuracy_by_noise(classifier, sched, args, device)
 
-    steps, eta = (args.steps, 0.0) if args.sampler == "ddim" else (T, 1.0)
-    sampler_name = f"DDIM-{steps}" if args.sampler == "ddim" else f"DDPM-{T}"
+    steps = T if args.sampler == "ddpm" else args.steps
+    sampler_name = f"{args.sampler}-{steps}"
     # The same starting noise for every scale: the figures show what guidance changes, and nothing else.
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     x_T = torch.randn(len(args.digits) * args.num_samples, 1, 28, 28, generator=generator).to(device)
@@ -512,7 +565,7 @@ def main(argv=None):
         noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
         start = time.perf_counter()
         images = torch.cat([
-            to_uint8(sample_guided(model, classifier, sched, xs, ys, scale, steps, eta, bf16, noise_gen))
+            to_uint8(sample_guided(model, classifier, sched, xs, ys, scale, steps, args.sampler, bf16, noise_gen))
             for xs, ys in zip(x_T.split(args.batch_size), y.split(args.batch_size))])
         seconds = time.perf_counter() - start
         print(f"scale {scale:g}: {len(images)} guided digits with {sampler_name} in {seconds:.1f}s")
@@ -538,10 +591,11 @@ def main(argv=None):
     # One starting noise, guided to each of the ten digits: the classifier decides what the noise becomes.
     scale = max(args.scales)
     one_noise = x_T[:1].repeat(10, 1, 1, 1)
+    same_noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
     images = to_uint8(sample_guided(model, classifier, sched, one_noise, torch.arange(10, device=device), scale,
-                                    steps, 0.0, bf16, progress=False))
+                                    steps, args.sampler, bf16, same_noise_gen, progress=False))
     save_rows([images], [""], os.path.join(args.out_dir, "classifier_guidance_same_noise.png"),
-              f"one starting noise guided to 0..9 (scale {scale:g}, {sampler_name}, deterministic)")
+              f"one starting noise guided to 0..9 (scale {scale:g}, {sampler_name})")
     print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
 

@@ -30,18 +30,27 @@ import signal
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import make_grid
 from tqdm import tqdm
+
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
 FINAL_NAME = "classifier_free_model_final.pt"
 LAST_NAME = "classifier_free_model_last.pt"
+SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # the DDPM paper's linear noise schedule, as in src.py
 NULL_CLASS = 10  # the label that means "no label": index 10 of the class embedding
+SAMPLERS = {"ddim": (False, 0.0), "ddpm": (False, 1.0),  # name: (second order?, η); see sample_ddim.py
+            "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0)}
+DEFAULT_SAMPLER = "ddim"
 DEFAULT_WEIGHT = 2.5  # measured: every digit >= 99% judged right, FID within 10% of unguided src.py (README)
 
 
@@ -59,17 +68,18 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting, as in src.py")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label in training")
+    p.add_argument("--p-uncond", type=probability, default=0.1, help="probability of dropping the label in training")
     p.add_argument("--base-channels", type=positive_int, default=None,
                    help="UNet width at 28x28; default 16 on CPU, 64 on a GPU (as src.py)")
     p.add_argument("--no-attention", action="store_true", help="drop the self-attention block at 7x7")
-    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, DEFAULT_WEIGHT],
+    p.add_argument("--weights", type=non_negative_float, nargs="+", default=[0.0, 1.0, DEFAULT_WEIGHT],
                    help=f"guidance weights w to sample with (0 = unconditional, 1 = conditional, {DEFAULT_WEIGHT:g} = "
                         f"this chapter's choice); the same-noise figure uses the largest")
-    p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to draw")
+    p.add_argument("--digits", type=digit, nargs="+", default=list(range(10)), help="digits to draw")
     p.add_argument("--num-samples", type=positive_int, default=8, help="samples per digit and weight")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
-                   help="ddim: deterministic DDIM with --steps (default); ddpm: 1000-step ancestral sampling")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help="ddim: deterministic DDIM; ddpm: the 1000-step ancestral sampler (ignores --steps); "
+                        "dpmpp-2m / dpmpp-2m-sde: DPM-Solver++(2M), deterministic / stochastic (sample_ddim.py)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
@@ -96,6 +106,24 @@ def positive_float(s):
     return float(s)
 
 
+def non_negative_float(s):
+    if not float(s) >= 0 or not math.isfinite(float(s)):  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return float(s)
+
+
+def digit(s):
+    if not 0 <= int(s) <= 9:
+        raise argparse.ArgumentTypeError(f"must be a digit 0-9, got {s}")
+    return int(s)
+
+
+def probability(s):
+    if not 0 <= float(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return float(s)
+
+
 def fail(message):
     """Bad input ends the run with one clear line, not a traceback."""
     sys.exit(f"error: {message}")
@@ -116,7 +144,7 @@ def pick_device(name):
 
 
 def use_bf16(choice, device):
-    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
@@ -154,7 +182,7 @@ def to_uint8(x):
 # ----------------------------------------------------------------------------------------------------
 # 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
 # ----------------------------------------------------------------------------------------------------
-def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+def ddpm_schedule(T, beta_1, beta_T):
     """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
     alpha = 1.0 - beta  # α_t = 1 - β_t
@@ -308,13 +336,18 @@ def load_conditional(path, device):
 # 5. Training (DDPM Algorithm 1 with label dropout) and guided sampling
 # ----------------------------------------------------------------------------------------------------
 def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
-
-    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
+    the digits would keep the little noise that is left at the last visited t.
+    uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
-    else:
+    elif spacing == "trailing":
         steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    else:
+        steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
+        for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
+            steps[i] = max(steps[i], steps[i + 1] + 1)
     return steps.tolist()
 
 
@@ -328,6 +361,47 @@ def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
     dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
     # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
     return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+def log_snr(alpha_bar):
+    """λ = log(α/σ) with α = √ᾱ, σ = √(1-ᾱ): half the log signal-to-noise ratio. DPM-Solver steps in λ.
+    It grows as the noise shrinks, to +∞ at the clean end (ᾱ = 1)."""
+    return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+
+
+def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, noise=None):
+    """One DPM-Solver++(2M) update from x_s to x_t (Lu et al. 2022, Algorithm 2), in data (x_0) prediction.
+    With `noise`: SDE-DPM-Solver++(2M), the stochastic variant. Returns x_t and the step size h (for the next step).
+
+    Between s and t the solver integrates the ODE exactly for an x_0 prediction that is a straight line in λ.
+    prev_pred_x0 = None gives the first-order step (a constant x_0): that is DDIM η=0 (ODE) or η=1 (SDE)."""
+    alpha_t, sigma_s, sigma_t = alpha_bar_next.sqrt(), (1 - alpha_bar).sqrt(), (1 - alpha_bar_next).sqrt()
+    h = log_snr(alpha_bar_next) - log_snr(alpha_bar)  # the step size in λ (> 0: towards less noise)
+    # D: the x_0 the step assumes. First order: this step's prediction. Second order: extrapolate the line through
+    # the previous and this prediction, D = x̂_0(s) + (x̂_0(s) - x̂_0(prev)) / (2r), with r = h_prev / h.
+    D = pred_x0 if prev_pred_x0 is None else pred_x0 + (pred_x0 - prev_pred_x0) * (h / (2 * h_prev))
+    if noise is None:
+        # ODE: x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D           (expm1(u) = e^u - 1, accurate for small u)
+        return sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D, h
+    # SDE: x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z
+    # (more of x_s is replaced by D and by fresh noise z than in the ODE: errors are washed out, not carried)
+    keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+    return sigma_t / sigma_s * (-h).exp() * x + alpha_t * keep * D + sigma_t * keep.sqrt() * noise, h
+
+
+def solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise):
+    """Step i of a sampler, from ᾱ = alpha_bars[i] to alpha_bars[i + 1], given the (possibly guided) noise prediction.
+    First order: DDIM with its η. Second order: DPM-Solver++(2M), the ODE for η = 0, the SDE for η = 1; it uses
+    `previous` = (x_0 prediction, step size h) of step i-1. Returns x at the next level, and this step's pair."""
+    alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+    if not second_order:
+        return ddim_step(x, pred_noise, alpha_bar, alpha_bar_next, eta, noise), None
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()  # ε -> x_0, as in DDIM
+    last = i + 2 == len(alpha_bars)  # the final step lands on ᾱ = 1, where λ = ∞: first order, no noise
+    prev_pred_x0, h_prev = (None, None) if previous is None or last else previous
+    x, h = dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next,
+                         noise if eta > 0 and not last else None)
+    return x, (pred_x0, h)
 
 
 class EMA:
@@ -385,19 +459,19 @@ def guided_noise(model, x, t_batch, y, weight):
 
 
 @torch.no_grad()
-def sample_guided(model, sched, x_T, y, weight, steps, eta=0.0, bf16=False, generator=None, progress=True):
-    """DDIM (eta=0, `steps` steps) or DDPM (eta=1, steps=T) with the classifier-free guided ε̂."""
+def sample_guided(model, sched, x_T, y, weight, steps, sampler="ddim", bf16=False, generator=None, progress=True):
+    """Any --sampler, with the classifier-free guided ε̂, in `steps` network calls (ddpm: all T)."""
+    second_order, eta = SAMPLERS[sampler]
     T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(steps, T)
-    one = torch.ones((), device=x_T.device)
-    x = x_T
+    timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, T)
+    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
+    x, previous = x_T, None
     for i, t in enumerate(tqdm(timesteps, desc=f"sampling, w={weight:g}", disable=not progress, leave=False)):
         t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred_noise = guided_noise(model, x, t_batch, y, weight)
-        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
-        x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+        x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise)
     return x
 
 
@@ -476,18 +550,12 @@ def train(args, config, device, bf16):
 # 6. Outputs
 # ----------------------------------------------------------------------------------------------------
 def save_rows(rows, row_labels, path, title):
-    """A figure with one labelled row of 28x28 images per entry of `rows` (each uint8 [n, 28, 28])."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = max(len(r) for r in rows)
-    canvas = np.zeros((len(rows) * 30, n * 30), dtype=np.uint8)
-    for i, images in enumerate(rows):
-        for j, img in enumerate(images.numpy()):
-            canvas[i * 30 + 1:i * 30 + 29, j * 30 + 1:j * 30 + 29] = img
+    """A figure with one labelled row of 28x28 images per entry of `rows` (each uint8 [n, 28, 28], same n)."""
+    n = len(rows[0])
+    grid = make_grid(torch.cat(list(rows)).unsqueeze(1), nrow=n, padding=2)[0]  # each image in a 30x30 cell
     fig, ax = plt.subplots(figsize=(max(3, n * 0.5), len(rows) * 0.5 + 0.6))
-    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255)
-    ax.set_yticks([i * 30 + 14 for i in range(len(rows))], row_labels, fontsize=8)
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.set_yticks([2 + i * 30 + 14 for i in range(len(rows))], row_labels, fontsize=8)
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -496,12 +564,6 @@ def save_rows(rows, row_labels, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
-    if any(not 0 <= d <= 9 for d in args.digits):
-        fail(f"--digits must be between 0 and 9, got {args.digits}")
-    if any(w < 0 or not math.isfinite(w) for w in args.weights):
-        fail(f"--weights must be >= 0 (0 = unconditional, 1 = conditional), got {args.weights}")
-    if not 0 <= args.p_uncond < 1:
-        fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
@@ -515,20 +577,20 @@ def main(argv=None):
     else:
         config = {"base_channels": args.base_channels or (16 if device.type == "cpu" else 64),
                   "channel_mults": [1, 2, 4], "attention": not args.no_attention,
-                  "schedule": {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}, "p_uncond": args.p_uncond}
+                  "schedule": SCHEDULE, "p_uncond": args.p_uncond}
         signal.signal(signal.SIGINT, signal.default_int_handler)
         model = train(args, config, device, bf16)
     sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
     T = config["schedule"]["T"]
-    steps, eta = (args.steps, 0.0) if args.sampler == "ddim" else (T, 1.0)
-    sampler_name = f"DDIM-{steps}" if args.sampler == "ddim" else f"DDPM-{T}"
+    steps = T if args.sampler == "ddpm" else args.steps
+    sampler_name = f"{args.sampler}-{steps}"
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     x_T = torch.randn(len(args.digits) * args.num_samples, 1, 28, 28, generator=generator).to(device)
     y = torch.tensor(args.digits, device=device).repeat_interleave(args.num_samples)
     for weight in args.weights:
         noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
         start = time.perf_counter()
-        images = torch.cat([to_uint8(sample_guided(model, sched, xs, ys, weight, steps, eta, bf16, noise_gen))
+        images = torch.cat([to_uint8(sample_guided(model, sched, xs, ys, weight, steps, args.sampler, bf16, noise_gen))
                             for xs, ys in zip(x_T.split(args.batch_size), y.split(args.batch_size))])
         seconds = time.perf_counter() - start
         print(f"w = {weight:g}: {len(images)} digits with {sampler_name} in {seconds:.1f}s")
@@ -548,10 +610,11 @@ def main(argv=None):
             print(f"wrote {path}")
     # One starting noise, asked for each of the ten digits
     weight = max(args.weights)
+    same_noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
     images = to_uint8(sample_guided(model, sched, x_T[:1].repeat(10, 1, 1, 1), torch.arange(10, device=device),
-                                    weight, steps, 0.0, bf16, progress=False))
+                                    weight, steps, args.sampler, bf16, same_noise_gen, progress=False))
     save_rows([images], [""], os.path.join(args.out_dir, "classifier_free_same_noise.png"),
-              f"one starting noise, labels 0..9 (w = {weight:g}, {sampler_name}, deterministic)")
+              f"one starting noise, labels 0..9 (w = {weight:g}, {sampler_name})")
     print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
 

@@ -38,11 +38,16 @@ import signal
 import sys
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import save_image
 from tqdm import tqdm
+
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
@@ -127,7 +132,7 @@ def pick_device(name):
 
 
 def use_bf16(choice, device):
-    """bfloat16 autocast roughly doubles CPU training speed where the CPU has bf16 instructions."""
+    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
     if choice != "auto":
         return choice == "on"
     if device.type == "cuda":
@@ -165,7 +170,7 @@ def to_uint8(x):
 # ----------------------------------------------------------------------------------------------------
 # 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
 # ----------------------------------------------------------------------------------------------------
-def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+def ddpm_schedule(T, beta_1, beta_T):
     """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
     alpha = 1.0 - beta  # α_t = 1 - β_t
@@ -315,13 +320,18 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
 # 5. Distillation (the teacher's DDIM sampler first)
 # ----------------------------------------------------------------------------------------------------
 def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1).
-
-    (The seed's sampler stopped at its last sub-sampled t and never took that step: its digits kept some noise.)"""
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
+    the digits would keep the little noise that is left at the last visited t.
+    uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
-    else:
+    elif spacing == "trailing":
         steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    else:
+        steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
+        for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
+            steps[i] = max(steps[i], steps[i + 1] + 1)
     return steps.tolist()
 
 
@@ -602,16 +612,8 @@ def load_distilled(path, device):
 # 6. Outputs
 # ----------------------------------------------------------------------------------------------------
 def save_grid(images_uint8, path, nrow=8):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(images_uint8)
-    rows = math.ceil(n / nrow)
-    canvas = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
-    for i, img in enumerate(images_uint8.numpy()):
-        r, c = divmod(i, nrow)
-        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
-    plt.imsave(path, canvas, cmap="gray", vmin=0, vmax=255)
+    """Tiles digits (uint8 [N, 28, 28]) into one PNG, `nrow` to a row, with a thin black border between them."""
+    save_image(images_uint8.unsqueeze(1).float() / 255, path, nrow=nrow, padding=2)
 
 
 def time_per_image(fn, n, device):
@@ -625,9 +627,6 @@ def time_per_image(fn, n, device):
 
 
 def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_steps):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     z = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     student_images = to_uint8(generate(student, sched, z, bf16))
     save_grid(student_images[:100], os.path.join(args.out_dir, "distilled_samples.png"),

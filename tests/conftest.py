@@ -23,6 +23,14 @@ def one_line_error(main, argv):
     return message
 
 
+def refused_flag(main, argv, capsys):
+    """Runs a script's main(argv) whose flags argparse must refuse (exit 2); returns its message line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def loss_before_and_after(loss_fn, params, steps, lr=2e-3):
     """loss_fn() before and after `steps` AdamW steps on it: does training move the loss the right way?"""
     opt = torch.optim.AdamW(params, lr=lr)

@@ -16,16 +16,16 @@ CPU = torch.device("cpu")
 def tiny_classifier(tiny_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     args = evaluate.parse_args(["x.npz", "--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "2"])
-    model, ckpt = evaluate.load_classifier(args, CPU)  # trains it (tiny budget) and caches it
-    return model, ckpt, out
+    networks = evaluate.load_networks(args, CPU)  # trains both (tiny budget) and caches them
+    return *networks["cnn"], out, networks
 
 
 def fid_of(model, ckpt, images):
-    return evaluate.score(model, ckpt, torch.from_numpy(images), None, CPU)["fid"]
+    return evaluate.score({"cnn": (model, ckpt)}, torch.from_numpy(images), None, CPU)["fid"]
 
 
 def test_fid_of_a_set_against_itself_is_zero(tiny_classifier):
-    model, ckpt, _ = tiny_classifier
+    model, ckpt, _, _ = tiny_classifier
     images, _ = synthetic_digits(500, seed=5)
     _, feats = evaluate.classify(model, torch.from_numpy(images), CPU)
     mu, sigma = evaluate.feature_stats(feats)
@@ -41,7 +41,7 @@ def test_frechet_distance_of_known_gaussians():
 
 
 def test_fid_grows_as_images_get_noisier_and_blurrier(tiny_classifier):
-    model, ckpt, _ = tiny_classifier
+    model, ckpt, _, _ = tiny_classifier
     images, _ = synthetic_digits(500, seed=6)
     _, feats = evaluate.classify(model, torch.from_numpy(images), CPU)
     mu, sigma = evaluate.feature_stats(feats)
@@ -55,14 +55,48 @@ def test_fid_grows_as_images_get_noisier_and_blurrier(tiny_classifier):
     assert fid_of(model, ref, blurred) > fids[0]
 
 
+def test_precision_and_recall_separate_fidelity_from_diversity():
+    """A set against itself: both 1. Drop half the digits: recall falls, precision stays. Add noise: precision falls
+    (and recall rises: the noisy set's wide balls now cover the real digits)."""
+    rng = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 4, generator=rng) * 4  # ten "digits" in a 4-d feature space, well apart
+    labels = torch.arange(3000) % 10
+    real = centres[labels] + torch.randn(3000, 4, generator=rng)
+    fake = centres[labels] + torch.randn(3000, 4, generator=rng)
+    assert evaluate.precision_recall(real, real) == (1.0, 1.0)
+    precision, recall = evaluate.precision_recall(real, fake)
+    assert precision > 0.9 and recall > 0.9
+    precision_half, recall_half = evaluate.precision_recall(real, fake[labels < 5])
+    assert precision_half > 0.9 and recall_half < 0.6
+    precision_noisy, _ = evaluate.precision_recall(real, fake + 2 * torch.randn(fake.shape, generator=rng))
+    assert precision_noisy < 0.6
+
+
+def test_n_scores_a_random_subset_not_the_first_digits(tmp_path):
+    """Guided files are sorted by digit: the first N would all be zeros."""
+    labels = np.repeat(np.arange(10), 20)
+    np.savez(tmp_path / "sorted.npz", images=np.zeros((200, 28, 28), np.uint8), labels=labels)
+    _, subset, _ = evaluate.load_samples(str(tmp_path / "sorted.npz"), n=50, seed=0)
+    assert len(subset) == 50 and len(subset.unique()) >= 8
+
+
+def test_the_second_network_is_another_architecture(tiny_classifier):
+    _, _, _, networks = tiny_classifier
+    cnn, mlp = networks["cnn"][0], networks["mlp"][0]
+    assert any(isinstance(m, torch.nn.Conv2d) for m in cnn.modules())
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in mlp.modules())
+    assert networks["mlp"][1]["test_features"].shape == (100, 128)
+
+
 def test_labelled_npz_and_png_folder(tiny_classifier, tiny_mnist, tmp_path, capsys):
-    _, _, out = tiny_classifier
+    _, _, out, _ = tiny_classifier
     images, labels = synthetic_digits(40, seed=7)
     np.savez(tmp_path / "s.npz", images=images, labels=labels)
     evaluate.main([str(tmp_path / "s.npz"), "--data-root", tiny_mnist, "--out-dir", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 40 and sum(result["class_histogram"]) == 40 and "accuracy_per_digit" in result
-    assert "fid_floor_real_train" in result
+    assert "fid_floor_real_train" in result and "fid_mlp_floor_real_train" in result
+    assert result["fid_mlp"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
     from PIL import Image
     folder = tmp_path / "pngs"
     folder.mkdir()
@@ -75,7 +109,7 @@ def test_labelled_npz_and_png_folder(tiny_classifier, tiny_mnist, tmp_path, caps
 
 def test_tradeoff_plots_each_guidance_method_through_its_strengths(tiny_classifier, tiny_mnist, tmp_path, capsys):
     """Several guided sets -> one report each, a markdown row each (sorted by strength) and the plot."""
-    model, _, out = tiny_classifier
+    model, _, out, _ = tiny_classifier
     images, _ = synthetic_digits(40, seed=8)
     judged = evaluate.classify(model, torch.from_numpy(images), CPU)[0].argmax(1).numpy()
     files = []
@@ -120,9 +154,10 @@ def test_bad_input(tmp_path):
 
 
 def test_benchmark_times_the_samplers_that_exist(tiny_checkpoint, capsys):
-    evaluate.main(["--benchmark", "--out-dir", str(tiny_checkpoint), "--repeats", "1", "--batch", "2"])
+    evaluate.main(["--benchmark", "--out-dir", str(tiny_checkpoint), "--repeats", "1", "--batch-size", "2"])
     table = capsys.readouterr().out
     assert "| DDPM ancestral, 1000 steps (src.py) |" in table and "1.0x" in table and "torch" in table
+    assert "| DPM-Solver++(2M) SDE 20 steps (sample_ddim.py) |" in table
 
 
 def test_benchmark_without_checkpoint_says_which_script(tmp_path):
@@ -138,11 +173,11 @@ def test_reference_classifier_reads_real_digits(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the one test that trains on all 60k digits
     try:
-        model, ckpt = evaluate.load_classifier(args, CPU)
+        model, ckpt = evaluate.load_network("cnn", args, CPU)
     finally:
         torch.set_num_threads(threads)
     assert ckpt["test_accuracy"] >= 0.99
     images, labels = evaluate.load_mnist(REAL_MNIST, train=False)
-    result = evaluate.score(model, ckpt, images[:1000], labels[:1000], CPU, data_root=REAL_MNIST)
+    result = evaluate.score({"cnn": (model, ckpt)}, images[:1000], labels[:1000], CPU, data_root=REAL_MNIST)
     assert result["accuracy"] >= 0.98
     assert result["fid"] < result["fid_blurred_real_train"] / 5

@@ -4,7 +4,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import refused_flag, one_line_error
 
 import sample_ddim
 import src_cfg
@@ -13,21 +13,20 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def guided_setup(tiny_checkpoint, tiny_mnist):
+def guided_setup(tiny_checkpoint, tiny_mnist, tmp_path_factory):
     path = str(tiny_checkpoint / "diffusion_model_final.pt")
     ckpt = src_cfg.load_checkpoint(path, CPU)
     model = src_cfg.model_from_checkpoint(ckpt, path).eval()
     sched = src_cfg.ddpm_schedule(**ckpt["config"]["schedule"])
-    args = src_cfg.parse_args(["--data-root", tiny_mnist, "--out-dir", str(tiny_checkpoint),
-                               "--classifier-epochs", "15"])
-    args.schedule = ckpt["config"]["schedule"]
+    out = tmp_path_factory.mktemp("guided")  # its own folder: the shared checkpoint's folder stays as src.py left it
+    args = src_cfg.parse_args(["--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "15"])
     torch.manual_seed(0)
-    classifier = src_cfg.get_classifier(args, sched, CPU, False)  # trains on the tiny data and caches it
-    return model, classifier, sched
+    classifier = src_cfg.get_classifier(args, ckpt["config"]["schedule"], sched, CPU, False)  # trains and caches
+    return model, classifier, sched, out / src_cfg.CLASSIFIER_NAME
 
 
 def test_classifier_takes_a_batch_of_noisy_images_and_their_timesteps(guided_setup):
-    _, classifier, _ = guided_setup
+    _, classifier, _, _ = guided_setup
     x = torch.randn(4, 1, 28, 28)
     logits = classifier(x, torch.tensor([0, 10, 500, 999]))
     assert logits.shape == (4, 10)
@@ -35,7 +34,7 @@ def test_classifier_takes_a_batch_of_noisy_images_and_their_timesteps(guided_set
 
 
 def test_the_gradient_raises_log_p_of_the_target_digit(guided_setup):
-    _, classifier, sched = guided_setup
+    _, classifier, sched, _ = guided_setup
     torch.manual_seed(1)
     t = torch.full((20,), 300)
     x0 = torch.rand(20, 1, 28, 28) * 2 - 1
@@ -50,7 +49,7 @@ def test_the_gradient_raises_log_p_of_the_target_digit(guided_setup):
 
 def test_one_guided_step_moves_towards_the_target_digit(guided_setup):
     """A guided DDIM step from t=300 lands where the classifier is more sure of y than the unguided step."""
-    model, classifier, sched = guided_setup
+    model, classifier, sched, _ = guided_setup
     torch.manual_seed(2)
     t, t_prev = 300, 250
     x_t = src_cfg.q_sample(torch.rand(20, 1, 28, 28) * 2 - 1, torch.full((20,), t), torch.randn(20, 1, 28, 28), sched)
@@ -67,7 +66,7 @@ def test_one_guided_step_moves_towards_the_target_digit(guided_setup):
 
 
 def test_scale_0_is_exactly_unguided_sampling(guided_setup):
-    model, classifier, sched = guided_setup
+    model, classifier, sched, _ = guided_setup
     x_T = torch.randn(4, 1, 28, 28)
     guided = src_cfg.sample_guided(model, classifier, sched, x_T, torch.tensor([1, 2, 3, 4]), 0.0, 10, progress=False)
     plain = sample_ddim.sample_ddim(model, sched, x_T, 10, progress=False)
@@ -78,7 +77,7 @@ def test_scale_0_is_exactly_unguided_sampling(guided_setup):
 
 def test_cli_end_to_end(guided_setup, tiny_checkpoint, tiny_mnist, tmp_path, capsys):
     import shutil
-    shutil.copy(tiny_checkpoint / "noisy_classifier.pt", tmp_path)  # the cache from the fixture is reused
+    shutil.copy(guided_setup[3], tmp_path)  # the cache from the fixture is reused
     src_cfg.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--digits", "0", "7",
                   "--scales", "0", "3", "--num-samples", "2", "--steps", "5", "--data-root", tiny_mnist,
                   "--out-dir", str(tmp_path), "--save-npz", str(tmp_path / "g.npz")])
@@ -104,7 +103,7 @@ def test_a_corrupt_classifier_cache_is_retrained(tiny_checkpoint, tiny_mnist, tm
 bad = partial(one_line_error, src_cfg.main)
 
 
-def test_bad_input(tmp_path):
-    assert "--digits must be between 0 and 9" in bad(["--digits", "10"])
-    assert "--scales must be >= 0" in bad(["--scales", "-1"])
+def test_bad_input(tmp_path, capsys):
+    assert "--digits: must be a digit 0-9, got 10" in refused_flag(src_cfg.main, ["--digits", "10"], capsys)
+    assert "--scales: must be a number >= 0, got -1" in refused_flag(src_cfg.main, ["--scales", "-1"], capsys)
     assert "run `python src.py` first" in bad(["--checkpoint", str(tmp_path / "missing.pt")])

@@ -4,7 +4,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import refused_flag, one_line_error
 
 import src_classifier_free as cf
 
@@ -46,7 +46,7 @@ def test_the_null_class_never_leaks_into_the_conditional_branch():
             seen.append(y.clone())
             return torch.zeros_like(x)
     y = torch.tensor([0, 3, 9])
-    cf.sample_guided(Recorder(), cf.ddpm_schedule(), torch.randn(3, 1, 28, 28), y, 3.0, 5, progress=False)
+    cf.sample_guided(Recorder(), cf.ddpm_schedule(**cf.SCHEDULE), torch.randn(3, 1, 28, 28), y, 3.0, 5, progress=False)
     assert len(seen) == 5
     for labels in seen:
         assert torch.equal(labels[:3], y) and torch.all(labels[3:] == cf.NULL_CLASS)
@@ -74,7 +74,7 @@ def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint, 
     import evaluate
     for path in (trained / cf.FINAL_NAME, tiny_checkpoint / "diffusion_model_final.pt"):
         shutil.copy(path, tmp_path)
-    evaluate.main(["--benchmark", "--out-dir", str(tmp_path), "--repeats", "1", "--batch", "2"])
+    evaluate.main(["--benchmark", "--out-dir", str(tmp_path), "--repeats", "1", "--batch-size", "2"])
     assert f"| classifier-free guided DDIM 50 steps, w {cf.DEFAULT_WEIGHT:g} (src_classifier_free.py) |" in \
         capsys.readouterr().out
 
@@ -82,7 +82,8 @@ def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint, 
 bad = partial(one_line_error, cf.main)
 
 
-def test_bad_input(tmp_path):
-    assert "--weights must be >= 0" in bad(["--weights", "-1"])
-    assert "--digits must be between 0 and 9" in bad(["--digits", "10"])
+def test_bad_input(tmp_path, capsys):
+    assert "--weights: must be a number >= 0, got -1" in refused_flag(cf.main, ["--weights", "-1"], capsys)
+    assert "--digits: must be a digit 0-9, got 10" in refused_flag(cf.main, ["--digits", "10"], capsys)
+    assert "--p-uncond: must be in [0, 1), got 1" in refused_flag(cf.main, ["--p-uncond", "1"], capsys)
     assert "run `python src_classifier_free.py` first" in bad(["--out-dir", str(tmp_path), "--sample-only"])
