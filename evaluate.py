@@ -438,6 +438,7 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
     import src_cfg
     import src_classifier_free
     import train_distilled
+    import train_progressive
     y = torch.arange(len(x_T), device=device) % 10  # the digits the guided samplers are asked for: 0-9, repeated
 
     def classifier_guided(path):
@@ -455,10 +456,16 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
         student = student.to(device).eval()
         return lambda: train_distilled.generate(student, sched, x_T, bf16)
 
+    def progressive(path):
+        student = train_progressive.model_from_checkpoint(train_progressive.load_progressive(path, device), path)
+        student = student.to(device).eval()
+        return lambda: train_progressive.generate(student, sched, x_T, bf16)
+
     chapters = [("classifier-guided DDIM 50 steps, scale 8", "src_cfg.py", src_cfg.CLASSIFIER_NAME, classifier_guided),
                 (f"classifier-free guided DDIM 50 steps, w {src_classifier_free.DEFAULT_WEIGHT:g}",
                  "src_classifier_free.py", src_classifier_free.FINAL_NAME, classifier_free),
-                ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME, distilled)]
+                ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME, distilled),
+                ("progressive-distilled, 1 step", "train_progressive.py", train_progressive.FINAL_NAME, progressive)]
     samplers, notes = [], []
     for name, script, filename, build in chapters:
         path = os.path.join(args.out_dir, filename)

@@ -1,29 +1,22 @@
 """
-Chapter 4 - distillation: squeeze the 1000-step DDPM into a generator that draws a digit in ONE network call.
+Chapter 4 - knowledge distillation: squeeze the 1000-step DDPM into a generator that draws a digit in ONE call.
 
 Usage (copy-paste):
-    python train_distilled.py                       # knowledge distillation: teacher pairs once, then the student
-    python train_distilled.py --method progressive  # progressive distillation: 32 -> 16 -> ... -> 1 steps
-    python train_distilled.py --minutes 10          # a wall-clock budget for the whole run (default 30)
+    python train_distilled.py                       # teacher pairs once (cached), then the student: <= 30 minutes
+    python train_distilled.py --minutes 10          # a wall-clock budget for the whole run, pairs included
     python train_distilled.py --sample-only --num-samples 2000 --save-npz onestep.npz   # for evaluate.py
 
-Why the seed's version took days and still looked blurry: each training step ran the 1000-step *stochastic*
-teacher chain, and the student learned to map noised real images to a random target - a regression onto a
-random target can only learn its blurry average. What fixes it:
-  * a *deterministic* teacher (DDIM, η = 0) turns sampling into a function: each noise z has exactly ONE digit
-    x_0 = teacher(z). A function can be learned by plain regression: student(z) ≈ teacher(z), sharp.
-  * the teacher runs with few steps (--teacher-steps), and only once per pair: the pairs are cached on disk.
-  * the student starts as a copy of the teacher's weights (same UNet), so it already knows digit shapes.
-
-Methods:
-  kd           Knowledge distillation (Luhman & Luhman 2021): generate (z, teacher DDIM image) pairs, regress.
-  progressive  Progressive distillation (Salimans & Ho 2022): a student learns to do in ONE DDIM step what the
-               teacher does in TWO; then it becomes the teacher, and the step count halves again, down to 1.
-Both students predict x_0 directly (not the noise): from pure noise, "the noise" is no help to predict, and
-x_0 = (z - √(1-ᾱ)·ε)/√ᾱ would blow every error up by 1/√ᾱ_T ≈ 150.
+The idea (Luhman & Luhman 2021). A *deterministic* sampler (DDIM, η = 0) turns the teacher into a function: each
+noise z has exactly ONE digit x_0 = teacher(z). A function can be learned by plain regression, so:
+  1. run the teacher once on many noises z and cache the (z, x_0) pairs on disk (--pairs, --teacher-steps);
+  2. train a student, a copy of the teacher's UNet (it already knows digit shapes), to map z to x_0 in one call.
+The student predicts x_0 directly, not the noise: from pure noise "the noise" is no help, and x_0 = (z - √(1-ᾱ)·ε)/√ᾱ
+would blow every error up by 1/√ᾱ_T ≈ 150. Regressing onto a *random* target (a stochastic teacher) could only
+learn its blurry average; a deterministic target keeps the digits sharp. The price: the student can at best copy
+the teacher's deterministic sampler, with its errors. Chapter 4b (train_progressive.py) halves the steps instead.
 
 What comes out (in --out-dir):
-    distill_pairs.pt                    cached (z, x_0) teacher pairs (kd), reused while teacher and settings match
+    distill_pairs.pt                    cached (z, x_0) teacher pairs, reused while teacher and settings match
     distilled_model_final.pt            the one-step student (+ EMA + config); distilled_model_last.pt resumable
     distilled_comparison.png            the SAME noise: teacher DDIM-K (top) vs student, 1 step (bottom)
     distilled_samples.png               a grid of one-step digits
@@ -55,39 +48,28 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 FINAL_NAME = "distilled_model_final.pt"
 LAST_NAME = "distilled_model_last.pt"
 PAIRS_NAME = "distill_pairs.pt"
+PREFIX = "distilled"  # the pictures this chapter writes: distilled_samples.png, ..._comparison.png, ..._loss_curve.png
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator.",
+    p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator (knowledge distillation).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
-    p.add_argument("--method", choices=["kd", "progressive"], default="kd", help="see the top of this file")
-    p.add_argument("--pairs", type=int, default=60000,
-                   help="kd: number of cached (noise, teacher image) pairs; fewer pairs, more epochs = overfitting")
-    p.add_argument("--teacher-steps", type=int, default=None,
-                   help="teacher DDIM steps; kd default 25 (pair generation takes minutes on a CPU), "
-                        "progressive default 32 (a power of 2: it halves down to 1)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="kd: passes over the pairs (default 16); progressive: passes over MNIST per halving "
-                        "(default 2: FID 122; with 1: 192)")
-    p.add_argument("--minutes", type=float, default=30.0,
+    p.add_argument("--pairs", type=positive_int, default=60000,
+                   help="number of cached (noise, teacher digit) pairs; fewer pairs, more epochs = overfitting")
+    p.add_argument("--teacher-steps", type=positive_int, default=25,
+                   help="the teacher's DDIM steps per pair (generating the pairs takes minutes on a CPU, once)")
+    p.add_argument("--epochs", type=positive_int, default=16, help="passes over the pairs")
+    p.add_argument("--minutes", type=positive_float, default=30.0,
                    help="wall-clock budget for the whole run, teacher pairs + training: training stops after "
-                        "--epochs or when the budget is spent, whichever comes first (the learning rate decays "
-                        "by steps or by time, whichever is further); then it still saves and samples")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per training step; kd default 64 (twice the steps of 128 for the same epochs: "
-                        "FID 78.5 -> 77.8, about 10%% more time per epoch), progressive default 128")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak AdamW learning rate; kd default 1e-3 (6 epochs on 40k pairs, L1: 5e-4 -> FID 124, "
-                        "1e-3 -> 108, 2e-3 -> 124), progressive default 5e-4")
-    p.add_argument("--loss", choices=["l1-clip", "l1", "mse"], default=None,
-                   help="distance between the student's x_0 and the target, per pixel (see distill_loss); "
-                        "kd default l1-clip (the target is a picture), progressive default l1")
+                        "--epochs or when the budget is spent, whichever comes first; then it still saves and samples")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per training step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--loss", choices=["l1-clip", "l1", "mse"], default="l1-clip",
+                   help="distance between the student's x_0 and the teacher's, per pixel (see distill_loss)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the student's weights")
-    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
-                   help="progressive: MNIST (torchvision layout), noised to train on; env var MNIST_ROOT")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the student's weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed (also: which noises z the pairs use)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
@@ -95,21 +77,28 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=".", help="where the pairs, checkpoints and pictures go")
     p.add_argument("--resume", action="store_true", help=f"continue training from OUT_DIR/{LAST_NAME}")
     p.add_argument("--sample-only", action="store_true", help=f"no training: sample from OUT_DIR/{FINAL_NAME}")
-    p.add_argument("--num-samples", type=int, default=64, help="one-step digits to draw at the end")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="one-step digits to draw at the end")
     p.add_argument("--save-npz", default=None, metavar="PATH",
                    help="export the one-step samples: `images` uint8 N x 28 x 28")
     return p.parse_args(argv)
 
 
-def apply_method_defaults(args):
-    """Fill in the settings left at None: their defaults depend on --method."""
-    kd = args.method == "kd"
-    for name, default in [("teacher_steps", 25 if kd else 32), ("epochs", 16 if kd else 2),
-                          ("lr", 1e-3 if kd else 5e-4), ("loss", "l1-clip" if kd else "l1"),
-                          ("batch_size", 64 if kd else 128)]:
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    return args
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def positive_float(s):
+    if not float(s) > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return float(s)
+
+
+def ema_decay(s):
+    if not 0 <= float(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return float(s)
 
 
 def fail(message):
@@ -143,25 +132,8 @@ def use_bf16(choice, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Data: MNIST digits (progressive distillation trains on noised real digits)
+# 2. Data: the student's inputs are noises z and its targets the teacher's digits (made in section 5)
 # ----------------------------------------------------------------------------------------------------
-def load_mnist(root, train=True):
-    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
-    from torchvision.datasets import MNIST
-    try:
-        ds = MNIST(root, train=train, download=True)
-    except Exception as e:  # offline, or a broken download
-        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
-             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
-             f"--data-root DIR (e.g. ../shared/data)")
-    return ds.data, ds.targets
-
-
-def to_model_range(images_uint8):
-    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
-    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
-
-
 def to_uint8(x):
     """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
@@ -181,13 +153,6 @@ def ddpm_schedule(T, beta_1, beta_T):
     return {name: value.float() for name, value in dict(
         beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
         posterior_var=posterior_var).items()}
-
-
-def q_sample(x0, t, noise, sched):
-    """The forward process in one jump: x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
-    alpha_bar = sched["alpha_bar"][t].view(-1, 1, 1, 1)
-    signal_rate, noise_rate = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    return signal_rate * x0 + noise_rate * noise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,8 +281,21 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
     return model
 
 
+def load_distilled(path, device):
+    """The student checkpoint this chapter writes; one clear line if it is missing or something else."""
+    if not os.path.isfile(path):
+        fail(f"no distilled model at {path} - run `python train_distilled.py` first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "distilled":
+        fail(f"{path} is not a distilled model from train_distilled.py")
+    return ckpt
+
+
 # ----------------------------------------------------------------------------------------------------
-# 5. Distillation (the teacher's DDIM sampler first)
+# 5. Distillation: the teacher's DDIM sampler, its cached pairs, the student's loss and training loop
 # ----------------------------------------------------------------------------------------------------
 def ddim_timesteps(K, T=1000, spacing="uniform"):
     """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
@@ -408,7 +386,8 @@ def pair_noise(n, seed):
 
 
 def make_pairs(args, teacher, sched, device, bf16, settings):
-    """(z, x_0 = teacher DDIM(z)) pairs, cached in OUT_DIR/distill_pairs.pt while `settings` match."""
+    """(z, x_0 = teacher DDIM(z)) pairs, cached in OUT_DIR/distill_pairs.pt while `settings` match (the teacher
+    file, its steps, the number of pairs, the seed and the precision: bf16 and float32 pairs differ slightly)."""
     path = os.path.join(args.out_dir, PAIRS_NAME)
     if os.path.isfile(path):
         try:
@@ -433,27 +412,6 @@ def make_pairs(args, teacher, sched, device, bf16, settings):
     return z, x0.float()
 
 
-def predict_noise(net, x, t, alpha_bar, predicts, bf16):
-    """ε for a DDIM step, from the ε-predicting teacher or an x_0-predicting student (ε = (x_t - √ᾱ x̂_0)/√(1-ᾱ))."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = net(x, t).float()
-    return out if predicts == "epsilon" else (x - alpha_bar.sqrt() * out) / (1 - alpha_bar).sqrt()
-
-
-@torch.no_grad()
-def progressive_target(teacher, predicts, x_t, t_seq, abar_seq, j, bf16):
-    """The x_0 a student must predict so that ONE DDIM step from τ_j lands where TWO teacher steps land (τ_{j+2}).
-
-    Salimans & Ho 2022, Algorithm 2: with α = √ᾱ, σ = √(1-ᾱ),   x̃_0 = (x'' - (σ''/σ) x_t) / (α'' - (σ''/σ) α)."""
-    x = x_t
-    for k in (0, 1):  # two deterministic teacher steps τ_j -> τ_{j+1} -> τ_{j+2}
-        abar, abar_next = abar_seq[j + k].view(-1, 1, 1, 1), abar_seq[j + k + 1].view(-1, 1, 1, 1)
-        x = ddim_step(x, predict_noise(teacher, x, t_seq[j + k], abar, predicts, bf16), abar, abar_next, 0.0, 0.0)
-    a, a2 = abar_seq[j].view(-1, 1, 1, 1), abar_seq[j + 2].view(-1, 1, 1, 1)
-    ratio = (1 - a2).sqrt() / (1 - a).sqrt()  # σ''/σ
-    return (x - ratio * x_t) / (a2.sqrt() - ratio * a.sqrt())
-
-
 def distill_loss(pred_x0, target_x0, kind):
     """How far the student's digit is from the target digit, averaged over pixels.
 
@@ -461,9 +419,7 @@ def distill_loss(pred_x0, target_x0, kind):
     paints both half-grey: soft digits. l1: the median - each pixel commits to ink or background: sharper.
     l1-clip: L1 on the picture as it is shown. Pictures are clipped to [-1, 1] (black .. white), so where the
     target is pure black, a student pixel even blacker changes nothing we see: that costs nothing (same for white).
-    The student no longer spends effort hitting exactly -1 on the background. (The kd default; progressive
-    defaults to l1: its targets are not pictures but in-between x_0 estimates, where "blacker than black" still
-    moves the next step.)"""
+    The student no longer spends effort hitting exactly -1 on the background."""
     if kind == "mse":
         return F.mse_loss(pred_x0, target_x0)
     error = pred_x0 - target_x0
@@ -482,130 +438,75 @@ def generate(student, sched, z, bf16=False):
         return student(z, t).float()
 
 
+def resume(path, student, ema, optimizer, device):
+    """Loads LAST_NAME into the student, its EMA and the optimizer; returns the step count and loss history."""
+    ckpt = load_distilled(path, device)
+    student.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], list(ckpt["losses"])
+
+
 def train(args, teacher, ckpt_config, sched, device, bf16):
-    """Trains the student; stages = [one kd stage] or the halvings of progressive distillation."""
+    """Regress the student's one step onto the teacher's cached digits, for --epochs or until the budget is spent."""
     run_start = time.time()  # --minutes covers the pairs too: what they take, training doesn't get
     T = sched["alpha_bar"].shape[0]
-    K = args.teacher_steps
-    stages = [K] if args.method == "kd" else [K >> r for r in range(int(math.log2(K)))]  # teacher steps per stage
-    if args.method == "kd":
-        settings = {"teacher": file_fingerprint(args.checkpoint), "teacher_steps": K, "pairs": args.pairs,
-                    "seed": args.seed, "schedule": ckpt_config["schedule"]}
-        z_all, x0_all = make_pairs(args, teacher, sched, device, bf16, settings)
-        z_all, x0_all = z_all.to(device), x0_all.to(device)
-        steps_per_stage = args.epochs * (len(z_all) // args.batch_size)
-    else:
-        images, _ = load_mnist(args.data_root, train=True)
-        data = to_model_range(images).to(device)
-        steps_per_stage = args.epochs * (len(data) // args.batch_size)
-    if steps_per_stage < 1:
-        fail(f"--batch-size {args.batch_size} is larger than the training set")
-
+    settings = {"teacher": file_fingerprint(args.checkpoint), "teacher_steps": args.teacher_steps,
+                "pairs": args.pairs, "seed": args.seed, "schedule": ckpt_config["schedule"], "bf16": bf16}
+    z_all, x0_all = (v.to(device) for v in make_pairs(args, teacher, sched, device, bf16, settings))
+    total_steps = args.epochs * (len(z_all) // args.batch_size)
+    if total_steps < 1:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(z_all)} --pairs")
     student = copy.deepcopy(teacher).train().requires_grad_(True)  # start from the teacher's weights
-    state = {"stage": 0, "step": 0, "losses": [], "teacher_state": None}
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     ema = EMA(student, args.ema_decay)
     last_path = os.path.join(args.out_dir, LAST_NAME)
-    if args.resume:
-        ckpt = load_distilled(last_path, device)
-        if ckpt["config"]["method"] != args.method or ckpt["config"]["teacher_steps"] != K:
-            fail(f"--resume: {last_path} was trained with --method {ckpt['config']['method']} "
-                 f"--teacher-steps {ckpt['config']['teacher_steps']}; pass the same")
-        student.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = {k: ckpt[k] for k in state}
-        if state["teacher_state"] is not None:
-            teacher = copy.deepcopy(teacher)
-            teacher.load_state_dict(state["teacher_state"])
-        print(f"resumed from {last_path}: stage {state['stage'] + 1}/{len(stages)}, step {state['step']}")
+    step, losses = resume(last_path, student, ema, optimizer, device) if args.resume else (0, [])
 
     def checkpoint(final=False):
-        config = dict(ckpt_config, method=args.method, teacher_steps=K, predicts="x0", loss=args.loss,
+        config = dict(ckpt_config, method="kd", teacher_steps=args.teacher_steps, predicts="x0", loss=args.loss,
                       batch_size=args.batch_size)
         ckpt = {"kind": "distilled", "config": config, "model": student.state_dict(), "ema": ema.model.state_dict(),
-                **state}
-        if final:  # the final file is for sampling; the resumable state stays in LAST_NAME
-            ckpt["teacher_state"] = None
-        else:
-            ckpt["optimizer"] = optimizer.state_dict()
-        return ckpt
+                "step": step, "losses": losses}
+        return ckpt if final else dict(ckpt, optimizer=optimizer.state_dict())  # the final file is for sampling
 
     budget_s = args.minutes * 60 - (time.time() - run_start)
     if budget_s <= 0:
         fail(f"the teacher pairs used the whole --minutes {args.minutes:g} budget; they are cached now: run the "
              f"same command again to train, or raise --minutes")
     start = time.time()
-    interrupted = False
+    t = torch.full((args.batch_size,), T - 1, device=device)  # the student always starts from pure noise
+    bar = tqdm(total=total_steps, initial=step, desc="training the student", unit="step")
     try:
-        for stage in range(state["stage"], len(stages)):
-            teacher_predicts = "epsilon" if stage == 0 else "x0"
-            # the teacher's timesteps: DDIM-K's for the first stage, every other one of them for each halving
-            timesteps = ddim_timesteps(K, T)[::2 ** stage]
-            t_seq = torch.tensor(timesteps, device=device)
-            abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1, device=device)])  # ᾱ = 1 after the end
-            stage_budget_s = budget_s / len(stages)  # each halving gets an equal share of the budget
-            deadline, stage_start = stage_budget_s * (stage + 1), time.time()
-            name = "kd" if args.method == "kd" else f"{stages[stage]} -> {stages[stage] // 2} steps"
-            bar = tqdm(total=steps_per_stage, initial=state["step"], desc=f"training student ({name})", unit="step")
-            while state["step"] < steps_per_stage and time.time() - start < deadline:
-                step = state["step"]
-                progress = max(step / steps_per_stage, (time.time() - stage_start) / stage_budget_s)  # steps or time
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, step, progress)
-                if args.method == "kd":
-                    idx = torch.randint(0, len(z_all), (args.batch_size,), device=device)
-                    inputs, t = z_all[idx], torch.full((args.batch_size,), T - 1, device=device)
-                    target = x0_all[idx]
-                else:
-                    x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device)]
-                    j = 2 * torch.randint(0, len(timesteps) // 2, (args.batch_size,), device=device)  # student step
-                    t = t_seq[j]
-                    inputs = q_sample(x0, t, torch.randn_like(x0), sched)
-                    target = progressive_target(teacher, teacher_predicts, inputs, t_seq, abar_seq, j, bf16)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = distill_loss(student(inputs, t).float(), target, args.loss)  # the student predicts x_0
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                optimizer.step()
-                ema.update(student, step)
-                state["step"] += 1
-                state["losses"].append(loss.item())
-                bar.update(1)
-                if state["step"] % 20 == 0:
-                    bar.set_postfix(loss=f"{np.mean(state['losses'][-100:]):.4f}")
-                if state["step"] % 500 == 0:
-                    save_atomic(checkpoint(), last_path)
-            bar.close()
-            if stage + 1 < len(stages):  # the EMA student becomes the next stage's teacher
-                teacher = copy.deepcopy(ema.model).eval()
-                state.update(stage=stage + 1, step=0, teacher_state=teacher.state_dict())
-                student.load_state_dict(ema.model.state_dict())
-                optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+        while step < total_steps and time.time() - start < budget_s:
+            for group in optimizer.param_groups:  # the learning rate decays by steps or by time, whichever is further
+                group["lr"] = learning_rate(args, step, max(step / total_steps, (time.time() - start) / budget_s))
+            idx = torch.randint(0, len(z_all), (args.batch_size,), device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = distill_loss(student(z_all[idx], t).float(), x0_all[idx], args.loss)  # student(z) ≈ x_0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            ema.update(student, step)
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            if step % 500 == 0:
+                save_atomic(checkpoint(), last_path)
     except KeyboardInterrupt:
-        interrupted = True
+        save_atomic(checkpoint(), last_path)
+        print(f"\ninterrupted: saved {last_path}; continue with `python train_distilled.py --resume`")
+        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
+    bar.close()
     save_atomic(checkpoint(), last_path)
-    if interrupted:
-        print(f"\ninterrupted: saved {last_path}; continue with `python train_distilled.py --resume` "
-              f"(same --method, --out-dir)")
-        sys.exit(130)
     seconds = time.time() - start
-    print(f"trained the student for {seconds / 60:.1f} min ({len(state['losses'])} steps)")
+    print(f"trained the student for {seconds / 60:.1f} min ({step} steps)")
     save_atomic(checkpoint(final=True), os.path.join(args.out_dir, FINAL_NAME))
-    return ema.model.eval(), state["losses"], seconds
-
-
-def load_distilled(path, device):
-    if not os.path.isfile(path):
-        fail(f"no distilled model at {path} - run `python train_distilled.py` first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "distilled":
-        fail(f"{path} is not a distilled model from train_distilled.py")
-    return ckpt
+    return ema.model.eval(), losses, seconds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -616,20 +517,27 @@ def save_grid(images_uint8, path, nrow=8):
     save_image(images_uint8.unsqueeze(1).float() / 255, path, nrow=nrow, padding=2)
 
 
-def time_per_image(fn, n, device):
-    """Seconds per image of fn() (one warm-up run excluded)."""
-    fn()
-    start = time.perf_counter()
-    fn()
+def clock(device):
+    """time.perf_counter() once the device has finished its queued work (CUDA and MPS run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+def time_per_image(fn, n, device):
+    """Seconds per image of fn() (one warm-up run excluded; the clock waits for the GPU to finish)."""
+    fn()
+    start = clock(device)
+    fn()
+    return (clock(device) - start) / n
 
 
 def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_steps):
     z = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     student_images = to_uint8(generate(student, sched, z, bf16))
-    save_grid(student_images[:100], os.path.join(args.out_dir, "distilled_samples.png"),
+    save_grid(student_images[:100], os.path.join(args.out_dir, f"{PREFIX}_samples.png"),
               nrow=10 if len(student_images) > 64 else 8)
     if args.save_npz:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
@@ -649,7 +557,7 @@ def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_st
             if col == 0:
                 axes[row, 0].set_ylabel(label, fontsize=7)
     fig.suptitle("same noise z: teacher vs one-step student", fontsize=9)
-    fig.savefig(os.path.join(args.out_dir, "distilled_comparison.png"), dpi=100, bbox_inches="tight")
+    fig.savefig(os.path.join(args.out_dir, f"{PREFIX}_comparison.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     batch = z[:64]
     student_s = time_per_image(lambda: generate(student, sched, batch, bf16), len(batch), device)
@@ -663,24 +571,13 @@ def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_st
         ax.plot(losses, lw=0.5)
         ax.set(xlabel="step", ylabel=f"{args.loss.upper()} to the target x_0", yscale="log",
                title="student training loss")
-        fig.savefig(os.path.join(args.out_dir, "distilled_loss_curve.png"), dpi=100, bbox_inches="tight")
+        fig.savefig(os.path.join(args.out_dir, f"{PREFIX}_loss_curve.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)
     print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
 
 def main(argv=None):
-    args = apply_method_defaults(parse_args(argv))
-    if args.pairs < 1:
-        fail(f"--pairs must be >= 1, got {args.pairs}")
-    if args.method == "progressive" and (args.teacher_steps < 2 or args.teacher_steps & (args.teacher_steps - 1)):
-        fail(f"--method progressive halves the steps down to 1: --teacher-steps must be a power of 2 >= 2, "
-             f"got {args.teacher_steps}")
-    if args.teacher_steps < 1 or args.epochs < 1 or args.batch_size < 1 or args.num_samples < 1:
-        fail("--teacher-steps, --epochs, --batch-size and --num-samples must be >= 1")
-    if not args.lr > 0:
-        fail(f"--lr must be > 0, got {args.lr}")
-    if not args.minutes > 0:
-        fail(f"--minutes must be > 0, got {args.minutes}")
+    args = parse_args(argv)
     device = pick_device(args.device)
     bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
@@ -695,7 +592,7 @@ def main(argv=None):
     teacher = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
     sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
     print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | teacher {args.checkpoint} "
-          f"(step {ckpt['step']}) | method {args.method}, teacher DDIM-{args.teacher_steps}")
+          f"(step {ckpt['step']}) | teacher DDIM-{args.teacher_steps}")
     if args.sample_only:
         path = os.path.join(args.out_dir, FINAL_NAME)
         distilled = load_distilled(path, device)
@@ -707,7 +604,7 @@ def main(argv=None):
     start = time.time()
     student, losses, train_seconds = train(args, teacher, ckpt["config"], sched, device, bf16)
     total = time.time() - start
-    print(f"time: teacher pairs / data {(total - train_seconds) / 60:.1f} min + student training "
+    print(f"time: teacher pairs {(total - train_seconds) / 60:.1f} min + student training "
           f"{train_seconds / 60:.1f} min = {total / 60:.1f} min")
     save_outputs(args, student, teacher, sched, device, bf16, losses, args.teacher_steps)
 

@@ -1,0 +1,641 @@
+"""
+Chapter 4b - progressive distillation (Salimans & Ho 2022): halve the teacher's steps, again and again, down to ONE.
+
+Usage (copy-paste):
+    python train_progressive.py --data-root ../shared/data      # 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps, <= 30 minutes
+    python train_progressive.py --teacher-steps 8 --minutes 10  # fewer halvings, a shorter budget
+    python train_progressive.py --sample-only --num-samples 2000 --save-npz prog.npz   # for evaluate.py
+
+The idea. A student learns to do in ONE deterministic DDIM step what its teacher does in TWO. Then the student
+becomes the teacher, and the step count halves again: 32 -> 16 -> ... -> 1. Each stage trains on real digits,
+noised to the timesteps the student will visit, so no pairs are cached (compare chapter 4, train_distilled.py).
+  * Stage 0's teacher is src.py's ε-predicting UNet; every student predicts x_0 instead (from pure noise, ε says
+    nothing about the digit). So stage 0 starts an x_0-predicting student from the teacher's ε-predicting head:
+    its very first predictions are wrong in kind, and the first stage spends some of its steps relearning the head.
+  * The target is the x_0 that makes one student step land where two teacher steps land (progressive_target).
+  * The paper weights the x_0 loss by max(SNR, 1) ("truncated SNR"; --loss-weight truncated-snr); plain L1 is
+    the default here (see RESULTS.md for the measured comparison).
+
+What comes out (in --out-dir):
+    progressive_model_final.pt          the one-step student (+ EMA + config); progressive_model_last.pt resumable
+    progressive_comparison.png          the SAME noise: teacher DDIM-K (top) vs student, 1 step (bottom)
+    progressive_samples.png             a grid of one-step digits
+    progressive_loss_curve.png          the training loss
+"""
+import argparse
+import copy
+import math
+import os
+import signal
+import sys
+import time
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+FINAL_NAME = "progressive_model_final.pt"
+LAST_NAME = "progressive_model_last.pt"
+PREFIX = "progressive"  # the pictures this chapter writes: progressive_samples.png, ..._comparison.png, ...
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator, halving its steps.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
+    p.add_argument("--teacher-steps", type=power_of_two, default=32,
+                   help="the first teacher's DDIM steps: a power of 2, halved down to 1 (one stage per halving)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="passes over MNIST per halving")
+    p.add_argument("--minutes", type=positive_float, default=30.0,
+                   help="wall-clock budget for the whole run, shared equally by the stages; then it saves and samples")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="noised digits per training step")
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="peak AdamW learning rate (each stage)")
+    p.add_argument("--loss", choices=["l1", "mse"], default="l1", help="per-pixel distance to the target x_0")
+    p.add_argument("--loss-weight", choices=["none", "truncated-snr"], default="none",
+                   help="per-sample weight of the loss: none, or the paper's max(SNR(t), 1)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up (each stage)")
+    p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the student's weights")
+    p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
+                   help="MNIST (torchvision layout), noised to train on; env var MNIST_ROOT")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast for the student (the teacher's targets are always float32)")
+    p.add_argument("--out-dir", default=".", help="where the checkpoints and pictures go")
+    p.add_argument("--resume", action="store_true", help=f"continue training from OUT_DIR/{LAST_NAME}")
+    p.add_argument("--sample-only", action="store_true", help=f"no training: sample from OUT_DIR/{FINAL_NAME}")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="one-step digits to draw at the end")
+    p.add_argument("--save-npz", default=None, metavar="PATH",
+                   help="export the one-step samples: `images` uint8 N x 28 x 28")
+    return p.parse_args(argv)
+
+
+def power_of_two(s):
+    if int(s) < 2 or int(s) & (int(s) - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of 2 >= 2 (it halves down to 1), got {s}")
+    return int(s)
+
+
+def positive_int(s):
+    if int(s) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return int(s)
+
+
+def positive_float(s):
+    if not float(s) > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return float(s)
+
+
+def ema_decay(s):
+    if not 0 <= float(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return float(s)
+
+
+def fail(message):
+    """Bad input ends the run with one clear line, not a traceback."""
+    sys.exit(f"error: {message}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but PyTorch sees no CUDA GPU (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps asked for, but this PyTorch has no Apple MPS backend (try --device auto)")
+    return torch.device(name)
+
+
+def use_bf16(choice, device):
+    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: MNIST digits, noised to each stage's timesteps
+# ----------------------------------------------------------------------------------------------------
+def load_mnist(root, train=True):
+    """Returns MNIST as (images uint8 [N, 28, 28], labels int64 [N]); one clear line when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=train, download=True)
+    except Exception as e:  # offline, or a broken download
+        fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
+             f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
+             f"--data-root DIR (e.g. ../shared/data)")
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 0..255 -> float in [-1, 1], with a channel axis: the range the noise schedule assumes."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x):
+    """float in [-1, 1] with a channel axis -> uint8 0..255 images [N, 28, 28]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_schedule(T, beta_1, beta_T):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    alpha = 1.0 - beta  # α_t = 1 - β_t
+    alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1
+    posterior_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+    # Computed in float64 on the CPU, stored float32 (Apple MPS has no float64).
+    return {name: value.float() for name, value in dict(
+        beta=beta, alpha=alpha, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+        posterior_var=posterior_var).items()}
+
+
+def q_sample(x0, t, noise, sched):
+    """The forward process in one jump: x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
+    alpha_bar = sched["alpha_bar"][t].view(-1, 1, 1, 1)
+    signal_rate, noise_rate = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return signal_rate * x0 + noise_rate * noise
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Model: a compact UNet. Identical copy in every chapter (a test checks), so they all load the same file.
+# ----------------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep (as in Transformers): tells every block how noisy x_t is."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the timestep embedding added in between; plus a skip path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]  # every block knows the noise level
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a low-resolution (7x7) feature map: global context."""
+
+    def __init__(self, ch, heads=4, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each [b, heads, pixels, c/heads]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
+        # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        ch = base_channels
+        for i, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(ch, width, emb_dim))
+            ch = width
+            last = i == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(ch, ch, emb_dim)
+        self.mid_attn = SelfAttention(ch) if attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim)
+        # Up path: mirror image; each level concatenates the skip saved at the same size on the way down.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
+            ch = widths[i]
+            first = i == 0
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def trunk(self, x, emb):
+        """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsamples):
+            h = block(h, emb)
+            skips.append(h)
+            h = down(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for block, up in zip(self.up_blocks, self.upsamples):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = up(h)
+        return self.head(h)
+
+
+def build_model(config):
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+
+
+def load_checkpoint(path, device):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
+        fail(f"{path} is not a DDPM checkpoint from src.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """Rebuilds the exact UNet from the config stored in the checkpoint and loads its (EMA) weights."""
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
+    return model
+
+
+def load_progressive(path, device):
+    """The student checkpoint this chapter writes; one clear line if it is missing or something else."""
+    if not os.path.isfile(path):
+        fail(f"no progressive student at {path} - run `python train_progressive.py` first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "progressive":
+        fail(f"{path} is not a student from train_progressive.py")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Distillation: the teacher's DDIM step, the two-step target, the loss and the stages
+# ----------------------------------------------------------------------------------------------------
+def ddim_timesteps(K, T=1000, spacing="uniform"):
+    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
+    the digits would keep the little noise that is left at the last visited t.
+    uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
+    if spacing == "uniform":
+        steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
+    elif spacing == "trailing":
+        steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    else:
+        steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
+        for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
+            steps[i] = max(steps[i], steps[i + 1] + 1)
+    return steps.tolist()
+
+
+def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
+    """One DDIM update from x_t to x_prev (Song et al. 2021, Eq. 12), written with named terms."""
+    # predicted x_0: undo the forward process with the model's noise, x_0 ≈ (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()
+    # σ_t(η) = η · √((1-ᾱ_prev)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_prev): η=1 gives DDPM's posterior std, η=0 no noise
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt() if eta > 0 else 0.0
+    # "direction pointing to x_t": the part of the noise we keep, √(1-ᾱ_prev-σ²) · ε_θ
+    dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
+    # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
+    return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+@torch.no_grad()
+def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is exactly DDPM."""
+    T = sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(steps, T, spacing)
+    one = torch.ones((), device=x_T.device)
+    x = x_T
+    for i, t in enumerate(tqdm(timesteps, desc=f"DDIM {steps} steps", disable=not progress, leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        # ᾱ of the next (lower) timestep; after the last one we land on x_0 itself, where ᾱ = 1
+        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+    return x
+
+
+class EMA:
+    """Exponential moving average of the weights: a smoother model that samples visibly better."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early on, follow the model closely
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p, 1 - decay)
+
+
+def learning_rate(args, step, progress):
+    """Linear warm-up, then cosine decay to 5% of the peak as training `progress` goes 0 -> 1."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a killed run never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def predict_noise(net, x, t, alpha_bar, predicts):
+    """ε for a DDIM step, from the ε-predicting teacher or an x_0-predicting student (ε = (x_t - √ᾱ x̂_0)/√(1-ᾱ))."""
+    out = net(x, t).float()
+    return out if predicts == "epsilon" else (x - alpha_bar.sqrt() * out) / (1 - alpha_bar).sqrt()
+
+
+@torch.no_grad()
+def progressive_target(teacher, predicts, x_t, t_seq, abar_seq, j):
+    """The x_0 a student must predict so that ONE DDIM step from τ_j lands where TWO teacher steps land (τ_{j+2}).
+
+    Salimans & Ho 2022, Algorithm 2: with α = √ᾱ, σ = √(1-ᾱ),   x̃_0 = (x'' - (σ''/σ) x_t) / (α'' - (σ''/σ) α).
+    In float32 (no bf16): at the first student step the denominator α'' - (σ''/σ) α is ~0.0055, which would
+    magnify the teacher's bf16 rounding ~180x."""
+    x = x_t
+    for k in (0, 1):  # two deterministic teacher steps τ_j -> τ_{j+1} -> τ_{j+2}
+        abar, abar_next = abar_seq[j + k].view(-1, 1, 1, 1), abar_seq[j + k + 1].view(-1, 1, 1, 1)
+        x = ddim_step(x, predict_noise(teacher, x, t_seq[j + k], abar, predicts), abar, abar_next, 0.0, 0.0)
+    a, a2 = abar_seq[j].view(-1, 1, 1, 1), abar_seq[j + 2].view(-1, 1, 1, 1)
+    ratio = (1 - a2).sqrt() / (1 - a).sqrt()  # σ''/σ
+    return (x - ratio * x_t) / (a2.sqrt() - ratio * a.sqrt())
+
+
+def progressive_loss(pred_x0, target_x0, alpha_bar, kind, weighting):
+    """Per-pixel L1 or MSE to the target x_0, averaged per sample, then over the batch - each sample weighted by 1
+    or, as in the paper, by max(SNR(t), 1) with SNR = ᾱ/(1-ᾱ): noisy samples count once, clean ones more."""
+    error = (pred_x0 - target_x0).abs() if kind == "l1" else (pred_x0 - target_x0).pow(2)
+    per_sample = error.mean(dim=(1, 2, 3))
+    if weighting == "truncated-snr":
+        per_sample = per_sample * (alpha_bar / (1 - alpha_bar)).clamp(min=1.0)
+    return per_sample.mean()
+
+
+@torch.no_grad()
+def generate(student, sched, z, bf16=False):
+    """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
+    t = torch.full((len(z),), sched["alpha_bar"].shape[0] - 1, device=z.device, dtype=torch.long)
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return student(z, t).float()
+
+
+def resume(path, args, student, teacher, state, device):
+    """Loads LAST_NAME into the student, EMA, optimizer and stage; returns the teacher of that stage."""
+    ckpt = load_progressive(path, device)
+    if ckpt["config"]["teacher_steps"] != args.teacher_steps:
+        fail(f"--resume: {path} was trained with --teacher-steps {ckpt['config']['teacher_steps']}; pass the same")
+    student.load_state_dict(ckpt["model"])
+    state["ema"].model.load_state_dict(ckpt["ema"])
+    state["optimizer"].load_state_dict(ckpt["optimizer"])
+    state.update({k: ckpt[k] for k in ("stage", "step", "losses", "teacher_state")})
+    print(f"resumed from {path}: stage {state['stage'] + 1}, step {state['step']}")
+    if state["teacher_state"] is None:
+        return teacher
+    teacher = copy.deepcopy(teacher)
+    teacher.load_state_dict(state["teacher_state"])
+    return teacher
+
+
+def train_stage(args, stage, student, teacher, data, sched, state, device, bf16, deadline):
+    """One halving: the student learns ONE step over each pair of the teacher's DDIM steps. Returns True if done."""
+    K, T = args.teacher_steps, sched["alpha_bar"].shape[0]
+    timesteps = ddim_timesteps(K, T)[::2 ** stage]  # this stage's teacher: DDIM-K's timesteps, every 2^stage-th one
+    t_seq = torch.tensor(timesteps, device=device)
+    abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1, device=device)])  # ᾱ = 1 after the last one
+    predicts = "epsilon" if stage == 0 else "x0"  # src.py's UNet predicts ε; every student predicts x_0
+    total_steps = args.epochs * (len(data) // args.batch_size)
+    optimizer, ema, start = state["optimizer"], state["ema"], time.time()
+    bar = tqdm(total=total_steps, initial=state["step"], unit="step",
+               desc=f"stage {stage + 1}: {len(timesteps)} -> {len(timesteps) // 2} steps")
+    while state["step"] < total_steps and time.time() < deadline:
+        step = state["step"]
+        for group in optimizer.param_groups:  # the learning rate decays by steps or by time, whichever is further
+            group["lr"] = learning_rate(args, step, max(step / total_steps,
+                                                        (time.time() - start) / max(deadline - start, 1e-9)))
+        x0 = data[torch.randint(0, len(data), (args.batch_size,), device=device)]
+        j = 2 * torch.randint(0, len(timesteps) // 2, (args.batch_size,), device=device)  # the student's step
+        x_t = q_sample(x0, t_seq[j], torch.randn_like(x0), sched)
+        target = progressive_target(teacher, predicts, x_t, t_seq, abar_seq, j)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_x0 = student(x_t, t_seq[j]).float()
+        loss = progressive_loss(pred_x0, target, abar_seq[j], args.loss, args.loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        ema.update(student, step)
+        state["step"] += 1
+        state["losses"].append(loss.item())
+        bar.update(1)
+        if state["step"] % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(state['losses'][-100:]):.4f}")
+    bar.close()
+    return state["step"] >= total_steps
+
+
+def train(args, teacher, ckpt_config, sched, device, bf16):
+    """All halvings, each with an equal share of the budget; the EMA student becomes the next stage's teacher."""
+    images, _ = load_mnist(args.data_root, train=True)
+    data = to_model_range(images).to(device)
+    if len(data) < args.batch_size:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(data)} training digits")
+    stages = int(math.log2(args.teacher_steps))
+    student = copy.deepcopy(teacher).train().requires_grad_(True)  # stage 0: the teacher's weights, see the top
+    state = {"stage": 0, "step": 0, "losses": [], "teacher_state": None}
+    state["optimizer"] = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    state["ema"] = EMA(student, args.ema_decay)
+    last_path = os.path.join(args.out_dir, LAST_NAME)
+    if args.resume:
+        teacher = resume(last_path, args, student, teacher, state, device)
+
+    def checkpoint(final=False):
+        config = dict(ckpt_config, method="progressive", teacher_steps=args.teacher_steps, predicts="x0",
+                      loss=args.loss, loss_weight=args.loss_weight, batch_size=args.batch_size)
+        saved = {k: state[k] for k in ("stage", "step", "losses", "teacher_state")}
+        ckpt = {"kind": "progressive", "config": config, "model": student.state_dict(),
+                "ema": state["ema"].model.state_dict(), **saved}
+        if final:  # the final file is for sampling: no optimizer, no intermediate teacher
+            return dict(ckpt, teacher_state=None)
+        return dict(ckpt, optimizer=state["optimizer"].state_dict())
+
+    start = time.time()
+    try:
+        for stage in range(state["stage"], stages):
+            deadline = start + args.minutes * 60 * (stage + 1) / stages
+            done = train_stage(args, stage, student, teacher, data, sched, state, device, bf16, deadline)
+            if stage + 1 < stages:
+                teacher = copy.deepcopy(state["ema"].model).eval()
+                student.load_state_dict(teacher.state_dict())
+                state.update(stage=stage + 1, step=0, teacher_state=teacher.state_dict(),
+                             optimizer=torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0))
+            save_atomic(checkpoint(), last_path)
+            if not done:
+                print(f"stage {stage + 1}: the budget ran out before its --epochs")
+    except KeyboardInterrupt:
+        save_atomic(checkpoint(), last_path)
+        print(f"\ninterrupted: saved {last_path}; continue with `python train_progressive.py --resume`")
+        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
+    seconds = time.time() - start
+    print(f"trained the student for {seconds / 60:.1f} min ({len(state['losses'])} steps)")
+    save_atomic(checkpoint(final=True), os.path.join(args.out_dir, FINAL_NAME))
+    return state["ema"].model.eval(), state["losses"], seconds
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Outputs
+# ----------------------------------------------------------------------------------------------------
+def save_grid(images_uint8, path, nrow=8):
+    """Tiles digits (uint8 [N, 28, 28]) into one PNG, `nrow` to a row, with a thin black border between them."""
+    save_image(images_uint8.unsqueeze(1).float() / 255, path, nrow=nrow, padding=2)
+
+
+def clock(device):
+    """time.perf_counter() once the device has finished its queued work (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+def time_per_image(fn, n, device):
+    """Seconds per image of fn() (one warm-up run excluded; the clock waits for the GPU to finish)."""
+    fn()
+    start = clock(device)
+    fn()
+    return (clock(device) - start) / n
+
+
+def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_steps):
+    z = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    student_images = to_uint8(generate(student, sched, z, bf16))
+    save_grid(student_images[:100], os.path.join(args.out_dir, f"{PREFIX}_samples.png"),
+              nrow=10 if len(student_images) > 64 else 8)
+    if args.save_npz:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
+        np.savez_compressed(args.save_npz, images=student_images.numpy())
+        print(f"wrote {args.save_npz} ({len(student_images)} images)")
+
+    # The same noise through the teacher (K DDIM steps) and the student (1 step), and how long each takes
+    n = min(10, args.num_samples)
+    teacher_images = to_uint8(sample_ddim(teacher, sched, z[:n], teacher_steps, bf16=bf16, progress=False))
+    fig, axes = plt.subplots(2, n, figsize=(n, 2.4), squeeze=False)
+    for col in range(n):
+        for row, (images, label) in enumerate([(teacher_images, f"teacher\nDDIM-{teacher_steps}"),
+                                               (student_images, "student\n1 step")]):
+            axes[row, col].imshow(images[col].numpy(), cmap="gray", vmin=0, vmax=255)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if col == 0:
+                axes[row, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle("same noise z: teacher vs one-step student", fontsize=9)
+    fig.savefig(os.path.join(args.out_dir, f"{PREFIX}_comparison.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    batch = z[:64]
+    student_s = time_per_image(lambda: generate(student, sched, batch, bf16), len(batch), device)
+    teacher_s = time_per_image(lambda: sample_ddim(teacher, sched, batch, teacher_steps, bf16=bf16, progress=False),
+                               len(batch), device)
+    print(f"student: {1 / student_s:.0f} img/s | teacher DDIM-{teacher_steps}: {1 / teacher_s:.1f} img/s | "
+          f"{teacher_s / student_s:.0f}x faster (batch {len(batch)}, {device})")
+
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(losses, lw=0.5)
+        ax.set(xlabel="step", ylabel=f"{args.loss.upper()} to the target x_0", yscale="log",
+               title="student training loss")
+        fig.savefig(os.path.join(args.out_dir, f"{PREFIX}_loss_curve.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    bf16 = use_bf16(args.bf16, device)
+    torch.manual_seed(args.seed)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    T = ckpt["config"]["schedule"]["T"]
+    if args.teacher_steps > T:
+        fail(f"--teacher-steps can be at most the {T} timesteps the teacher was trained with")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
+    teacher = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'} for the student) | teacher {args.checkpoint} "
+          f"(step {ckpt['step']}) | {args.teacher_steps} -> 1 steps")
+    if args.sample_only:
+        path = os.path.join(args.out_dir, FINAL_NAME)
+        distilled = load_progressive(path, device)
+        student = model_from_checkpoint(distilled, path).to(device).eval()
+        save_outputs(args, student, teacher, sched, device, bf16, distilled["losses"],
+                     distilled["config"]["teacher_steps"])
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    student, losses, _ = train(args, teacher, ckpt["config"], sched, device, bf16)
+    save_outputs(args, student, teacher, sched, device, bf16, losses, args.teacher_steps)
+
+
+if __name__ == "__main__":
+    main()
