@@ -451,21 +451,20 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
         return lambda: src_classifier_free.sample_guided(conditional, sched, x_T, y, src_classifier_free.DEFAULT_WEIGHT,
                                                          50, bf16=bf16, progress=False)
 
-    def distilled(path):
-        student = train_distilled.model_from_checkpoint(train_distilled.load_distilled(path, device), path)
-        student = student.to(device).eval()
-        return lambda: train_distilled.generate(student, sched, x_T, bf16)
-
-    def progressive(path):
-        student = train_progressive.model_from_checkpoint(train_progressive.load_progressive(path, device), path)
-        student = student.to(device).eval()
-        return lambda: train_progressive.generate(student, sched, x_T, bf16)
+    def one_step(chapter, kind):  # a distilled student: one call from noise to digit
+        def build(path):
+            ckpt = chapter.load_checkpoint(path, device, kind, f"{chapter.__name__}.py")
+            student = chapter.model_from_checkpoint(ckpt, path).to(device).eval()
+            return lambda: chapter.generate(student, sched, x_T, bf16)
+        return build
 
     chapters = [("classifier-guided DDIM 50 steps, scale 8", "src_cfg.py", src_cfg.CLASSIFIER_NAME, classifier_guided),
                 (f"classifier-free guided DDIM 50 steps, w {src_classifier_free.DEFAULT_WEIGHT:g}",
                  "src_classifier_free.py", src_classifier_free.FINAL_NAME, classifier_free),
-                ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME, distilled),
-                ("progressive-distilled, 1 step", "train_progressive.py", train_progressive.FINAL_NAME, progressive)]
+                ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME,
+                 one_step(train_distilled, "distilled")),
+                ("progressive-distilled, 1 step", "train_progressive.py", train_progressive.FINAL_NAME,
+                 one_step(train_progressive, "progressive"))]
     samplers, notes = [], []
     for name, script, filename, build in chapters:
         path = os.path.join(args.out_dir, filename)

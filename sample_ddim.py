@@ -273,16 +273,17 @@ def build_model(config):
     return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
 
 
-def load_checkpoint(path, device):
-    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+def load_checkpoint(path, device, kind="ddpm", script="src.py"):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+        fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
-        fail(f"{path} is not a DDPM checkpoint from src.py")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python {script}` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint from {script}")
     return ckpt
 
 
@@ -484,7 +485,7 @@ def save_comparison(results, path, columns=10):
             axes[row, col].imshow(images[col].numpy(), cmap="gray", vmin=0, vmax=255)
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
-        axes[row, 0].set_ylabel(name.replace(" (", "\n("), fontsize=6)
+        axes[row, 0].set_ylabel(name.replace(" (", "\n("), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle("same starting noise, different samplers", fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -14,6 +14,8 @@ What comes out (in --out-dir):
     ddpm_samples.png            a grid of digits drawn with the 1000-step ancestral sampler (Algorithm 2)
     ddpm_denoising_process.png  a few samples, from pure noise (left) to digit (right)
     ddpm_loss_curve.png         training loss per step
+    ddpm_preview.png            16 digits from the same noise, redrawn after every epoch (50 respaced steps)
+    ddpm_previews.png           all the previews, one row per epoch: watch the digits emerge
 
 The file reads top to bottom: config -> data -> schedule -> model -> train -> sample -> outputs.
 """
@@ -275,16 +277,17 @@ def build_model(config):
     return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
 
 
-def load_checkpoint(path, device):
-    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+def load_checkpoint(path, device, kind="ddpm", script="src.py"):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+        fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
-        fail(f"{path} is not a DDPM checkpoint from src.py")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python {script}` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint from {script}")
     return ckpt
 
 
@@ -368,6 +371,18 @@ def resume(args, config, model, ema, optimizer, device):
     return ckpt["step"], list(ckpt["losses"]), list(ckpt.get("previews", []))
 
 
+def train_step(model, ema, optimizer, x0, sched, step, args, device, bf16):
+    """Algorithm 1 on one batch: the loss, one optimizer step, then the EMA follows. Returns the loss."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = diffusion_loss(model, x0, sched, args.min_snr_gamma)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch can't wreck the run
+    optimizer.step()
+    ema.update(model, step)
+    return loss.item()
+
+
 def train(args, config, device, bf16):
     """Algorithm 1 over the data for --epochs or --minutes; a checkpoint and a preview grid after every epoch."""
     images, _ = load_mnist(args.data_root, train=True)
@@ -405,15 +420,8 @@ def train(args, config, device, bf16):
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
                 x0 = data[order[i * args.batch_size:(i + 1) * args.batch_size]]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = diffusion_loss(model, x0, sched, args.min_snr_gamma)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch can't wreck the run
-                optimizer.step()
-                ema.update(model, step)
+                losses.append(train_step(model, ema, optimizer, x0, sched, step, args, device, bf16))
                 step += 1
-                losses.append(loss.item())
                 bar.update(1)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}", epoch=step // steps_per_epoch,

@@ -17,7 +17,7 @@ The idea, in plain words. Bayes: log p(x_t | y) = log p(x_t) + log p(y | x_t) + 
 
     ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇_x log p_φ(y | x_t, t)        (s = guidance scale, s = 1 is plain Bayes)
 
-Two details make it work, and the first version of this script (the seed) had neither:
+Two details make it work:
   * p_φ must be a classifier of NOISY images x_t that knows t: the sampler only ever shows it noisy x_t, and a
     classifier trained on clean digits has a meaningless gradient there.
   * the gradient is scaled by √(1-ᾱ_t), the factor that turns a score into a noise prediction.
@@ -284,16 +284,17 @@ def build_model(config):
     return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
 
 
-def load_checkpoint(path, device):
-    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+def load_checkpoint(path, device, kind="ddpm", script="src.py"):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+        fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
-        fail(f"{path} is not a DDPM checkpoint from src.py")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python {script}` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint from {script}")
     return ckpt
 
 
@@ -536,6 +537,18 @@ def save_rows(rows, row_labels, path, title):
     plt.close(fig)
 
 
+def save_npz(args, scale, images, y, sampler_name, seconds):
+    """The samples of one scale for evaluate.py: one file per scale when there are several (PATH_scale8.npz)."""
+    path = args.save_npz
+    if len(args.scales) > 1:
+        stem, ext = os.path.splitext(path)
+        path = f"{stem}_scale{scale:g}{ext or '.npz'}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy(),  # + what evaluate.py --tradeoff plots:
+                        guidance="classifier", strength=scale, sampler=sampler_name, seconds=seconds)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -578,15 +591,7 @@ def main(argv=None):
                   os.path.join(args.out_dir, f"classifier_guidance_scale_{scale:g}.png"),
                   f"classifier guidance, scale {scale:g}, {sampler_name}")
         if args.save_npz:
-            path = args.save_npz
-            if len(args.scales) > 1:
-                stem, ext = os.path.splitext(path)
-                path = f"{stem}_scale{scale:g}{ext or '.npz'}"
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            np.savez_compressed(path, images=images.numpy(), labels=y.cpu().numpy(),  # + what evaluate.py
-                                guidance="classifier", strength=scale,           # --tradeoff plots
-                                sampler=sampler_name, seconds=seconds)
-            print(f"wrote {path}")
+            save_npz(args, scale, images, y, sampler_name, seconds)
 
     # One starting noise, guided to each of the ten digits: the classifier decides what the noise becomes.
     scale = max(args.scales)

@@ -51,7 +51,7 @@ NULL_CLASS = 10  # the label that means "no label": index 10 of the class embedd
 SAMPLERS = {"ddim": (False, 0.0), "ddpm": (False, 1.0),  # name: (second order?, η); see sample_ddim.py
             "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0)}
 DEFAULT_SAMPLER = "ddim"
-DEFAULT_WEIGHT = 2.5  # measured: every digit >= 99% judged right, FID within 10% of unguided src.py (README)
+DEFAULT_WEIGHT = 2.5  # the guided weight w: chosen by measurement, every digit >= 99% judged right (RESULTS.md)
 
 
 def parse_args(argv=None):
@@ -317,16 +317,23 @@ def build_conditional_model(config):
     return ConditionalUNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
 
 
-def load_conditional(path, device):
-    """The trained conditional model (EMA weights) and its checkpoint; one clear line if it can't."""
+def load_checkpoint(path, device, kind="ddpm", script="src.py"):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path} - run `python src_classifier_free.py` first to train it")
+        fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier_free":
-        fail(f"{path} is not a model from src_classifier_free.py")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python {script}` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint from {script}")
+    return ckpt
+
+
+def load_conditional(path, device):
+    """The trained conditional model (EMA weights) and its checkpoint; one clear line if it can't."""
+    ckpt = load_checkpoint(path, device, "classifier_free", "src_classifier_free.py")
     model = build_conditional_model(ckpt["config"])
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), ckpt
@@ -475,6 +482,18 @@ def sample_guided(model, sched, x_T, y, weight, steps, sampler="ddim", bf16=Fals
     return x
 
 
+def resume(path, config, model, ema, optimizer, device):
+    """Loads LAST_NAME into the model, EMA and optimizer; returns the step count and the loss history."""
+    _, ckpt = load_conditional(path, device)
+    if ckpt["config"] != config:
+        fail(f"--resume: {path} was trained with another config {ckpt['config']}; pass the same flags")
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], list(ckpt["losses"])
+
+
 def train(args, config, device, bf16):
     images, labels = load_mnist(args.data_root, train=True)
     data, labels = to_model_range(images).to(device), labels.to(device)
@@ -488,17 +507,8 @@ def train(args, config, device, bf16):
     ema = EMA(model, args.ema_decay)
     steps_per_epoch = len(data) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
-    step, losses = 0, []
     last_path = os.path.join(args.out_dir, LAST_NAME)
-    if args.resume:
-        _, ckpt = load_conditional(last_path, device)
-        if ckpt["config"] != config:
-            fail(f"--resume: {last_path} was trained with another config {ckpt['config']}; pass the same flags")
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, losses = ckpt["step"], list(ckpt["losses"])
-        print(f"resumed from {last_path} at step {step}")
+    step, losses = resume(last_path, config, model, ema, optimizer, device) if args.resume else (0, [])
 
     def checkpoint():
         return {"kind": "classifier_free", "config": config, "model": model.state_dict(),

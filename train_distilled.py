@@ -258,16 +258,17 @@ def build_model(config):
     return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
 
 
-def load_checkpoint(path, device):
-    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+def load_checkpoint(path, device, kind="ddpm", script="src.py"):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+        fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
-        fail(f"{path} is not a DDPM checkpoint from src.py")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python {script}` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint from {script}")
     return ckpt
 
 
@@ -279,19 +280,6 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
     except (RuntimeError, KeyError) as e:
         fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
     return model
-
-
-def load_distilled(path, device):
-    """The student checkpoint this chapter writes; one clear line if it is missing or something else."""
-    if not os.path.isfile(path):
-        fail(f"no distilled model at {path} - run `python train_distilled.py` first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "distilled":
-        fail(f"{path} is not a distilled model from train_distilled.py")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,7 +428,7 @@ def generate(student, sched, z, bf16=False):
 
 def resume(path, student, ema, optimizer, device):
     """Loads LAST_NAME into the student, its EMA and the optimizer; returns the step count and loss history."""
-    ckpt = load_distilled(path, device)
+    ckpt = load_checkpoint(path, device, "distilled", "train_distilled.py")
     student.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -595,7 +583,7 @@ def main(argv=None):
           f"(step {ckpt['step']}) | teacher DDIM-{args.teacher_steps}")
     if args.sample_only:
         path = os.path.join(args.out_dir, FINAL_NAME)
-        distilled = load_distilled(path, device)
+        distilled = load_checkpoint(path, device, "distilled", "train_distilled.py")
         student = model_from_checkpoint(distilled, path).to(device).eval()
         save_outputs(args, student, teacher, sched, device, bf16, distilled["losses"],
                      distilled["config"]["teacher_steps"])

@@ -14,7 +14,7 @@ noised to the timesteps the student will visit, so no pairs are cached (compare 
     its very first predictions are wrong in kind, and the first stage spends some of its steps relearning the head.
   * The target is the x_0 that makes one student step land where two teacher steps land (progressive_target).
   * The paper weights the x_0 loss by max(SNR, 1) ("truncated SNR"; --loss-weight truncated-snr); plain L1 is
-    the default here (see RESULTS.md for the measured comparison).
+    the default here (RESULTS.md compares the two).
 
 What comes out (in --out-dir):
     progressive_model_final.pt          the one-step student (+ EMA + config); progressive_model_last.pt resumable
@@ -286,16 +286,17 @@ def build_model(config):
     return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
 
 
-def load_checkpoint(path, device):
-    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't."""
+def load_checkpoint(path, device, kind="ddpm", script="src.py"):
+    """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path} - run `python src.py` first to make it")
+        fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python src.py` again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "ddpm":
-        fail(f"{path} is not a DDPM checkpoint from src.py")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and run `python {script}` again")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        fail(f"{path} is not a {kind} checkpoint from {script}")
     return ckpt
 
 
@@ -307,19 +308,6 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
     except (RuntimeError, KeyError) as e:
         fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
     return model
-
-
-def load_progressive(path, device):
-    """The student checkpoint this chapter writes; one clear line if it is missing or something else."""
-    if not os.path.isfile(path):
-        fail(f"no progressive student at {path} - run `python train_progressive.py` first")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and train again")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "progressive":
-        fail(f"{path} is not a student from train_progressive.py")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,7 +429,7 @@ def generate(student, sched, z, bf16=False):
 
 def resume(path, args, student, teacher, state, device):
     """Loads LAST_NAME into the student, EMA, optimizer and stage; returns the teacher of that stage."""
-    ckpt = load_progressive(path, device)
+    ckpt = load_checkpoint(path, device, "progressive", "train_progressive.py")
     if ckpt["config"]["teacher_steps"] != args.teacher_steps:
         fail(f"--resume: {path} was trained with --teacher-steps {ckpt['config']['teacher_steps']}; pass the same")
     student.load_state_dict(ckpt["model"])
@@ -627,7 +615,7 @@ def main(argv=None):
           f"(step {ckpt['step']}) | {args.teacher_steps} -> 1 steps")
     if args.sample_only:
         path = os.path.join(args.out_dir, FINAL_NAME)
-        distilled = load_progressive(path, device)
+        distilled = load_checkpoint(path, device, "progressive", "train_progressive.py")
         student = model_from_checkpoint(distilled, path).to(device).eval()
         save_outputs(args, student, teacher, sched, device, bf16, distilled["losses"],
                      distilled["config"]["teacher_steps"])

@@ -114,4 +114,4 @@ def test_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert "run `python src.py` first" in bad(["--checkpoint", str(tmp_path / "missing.pt")])
     assert "--eta: must be between 0" in refused_flag(sample_ddim.main, ["--checkpoint", ckpt, "--eta", "-1"], capsys)
     torch.save({"kind": "noisy_classifier", "model": {}}, tmp_path / "other.pt")
-    assert "not a DDPM checkpoint" in bad(["--checkpoint", str(tmp_path / "other.pt")])
+    assert "not a ddpm checkpoint from src.py" in bad(["--checkpoint", str(tmp_path / "other.pt")])

@@ -181,7 +181,7 @@ def test_corrupt_checkpoint(tmp_path):
 
 def test_checkpoint_of_another_kind(tmp_path):
     torch.save({"kind": "mnist_classifier", "model": {}}, tmp_path / "diffusion_model_final.pt")
-    assert "not a DDPM checkpoint" in run_main(["--out-dir", str(tmp_path), "--sample-only"])
+    assert "not a ddpm checkpoint from src.py" in run_main(["--out-dir", str(tmp_path), "--sample-only"])
 
 
 def test_interrupted_run_saves_a_resumable_checkpoint_and_no_final(tiny_mnist, tmp_path, monkeypatch):

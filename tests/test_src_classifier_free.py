@@ -8,6 +8,8 @@ from conftest import refused_flag, one_line_error
 
 import src_classifier_free as cf
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_mnist, tmp_path_factory):
@@ -68,15 +70,18 @@ def test_training_run_writes_a_checkpoint_that_round_trips(trained, tmp_path):
     assert npz["guidance"] == "classifier-free" and npz["strength"] == 1 and npz["seconds"] > 0  # for --tradeoff
 
 
-def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint, tmp_path, capsys):
-    import shutil
-
+def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint):
+    """The benchmark's classifier-free row, run without the rest of the benchmark (its 1000-step row is slow)."""
     import evaluate
-    for path in (trained / cf.FINAL_NAME, tiny_checkpoint / "diffusion_model_final.pt"):
-        shutil.copy(path, tmp_path)
-    evaluate.main(["--benchmark", "--out-dir", str(tmp_path), "--repeats", "1", "--batch-size", "2"])
-    assert f"| classifier-free guided DDIM 50 steps, w {cf.DEFAULT_WEIGHT:g} (src_classifier_free.py) |" in \
-        capsys.readouterr().out
+    import src
+    model = src.model_from_checkpoint(src.load_checkpoint(str(tiny_checkpoint / "diffusion_model_final.pt"), CPU), "-")
+    args = evaluate.parse_args(["--benchmark", "--out-dir", str(trained)])
+    x_T = torch.randn(2, 1, 28, 28)
+    samplers, notes = evaluate.chapter_samplers(args, CPU, model, cf.ddpm_schedule(**cf.SCHEDULE), x_T, False)
+    names = [name for name, _ in samplers]
+    assert names == [f"classifier-free guided DDIM 50 steps, w {cf.DEFAULT_WEIGHT:g} (src_classifier_free.py)"]
+    assert samplers[0][1]().shape == x_T.shape
+    assert len(notes) == 3 and all("run `python " in note for note in notes)  # the chapters not trained here
 
 
 bad = partial(one_line_error, cf.main)

@@ -87,6 +87,6 @@ def test_bad_input(tiny_checkpoint, tmp_path, capsys):
         ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
          "--sample-only"])
     torch.save({"kind": "distilled"}, tmp_path / tp.FINAL_NAME)
-    assert "not a student from train_progressive.py" in bad(
+    assert "not a progressive checkpoint from train_progressive.py" in bad(
         ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
          "--sample-only"])
