@@ -458,8 +458,10 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
             return lambda: chapter.generate(student, sched, x_T, bf16)
         return build
 
-    chapters = [("classifier-guided DDIM 50 steps, scale 8", "src_cfg.py", src_cfg.CLASSIFIER_NAME, classifier_guided),
-                (f"classifier-free guided DDIM 50 steps, w {src_classifier_free.DEFAULT_WEIGHT:g}",
+    chapters = [(f"classifier-guided {src_cfg.DEFAULT_SAMPLER} 50 steps, scale 8", "src_cfg.py",
+                 src_cfg.CLASSIFIER_NAME, classifier_guided),
+                (f"classifier-free guided {src_classifier_free.DEFAULT_SAMPLER} 50 steps, "
+                 f"w {src_classifier_free.DEFAULT_WEIGHT:g}",
                  "src_classifier_free.py", src_classifier_free.FINAL_NAME, classifier_free),
                 ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME,
                  one_step(train_distilled, "distilled")),

@@ -79,7 +79,8 @@ def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint):
     x_T = torch.randn(2, 1, 28, 28)
     samplers, notes = evaluate.chapter_samplers(args, CPU, model, cf.ddpm_schedule(**cf.SCHEDULE), x_T, False)
     names = [name for name, _ in samplers]
-    assert names == [f"classifier-free guided DDIM 50 steps, w {cf.DEFAULT_WEIGHT:g} (src_classifier_free.py)"]
+    assert names == [f"classifier-free guided {cf.DEFAULT_SAMPLER} 50 steps, w {cf.DEFAULT_WEIGHT:g} "
+                     f"(src_classifier_free.py)"]
     assert samplers[0][1]().shape == x_T.shape
     assert len(notes) == 3 and all("run `python " in note for note in notes)  # the chapters not trained here
 
