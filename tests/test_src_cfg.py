@@ -66,13 +66,19 @@ def test_one_guided_step_moves_towards_the_target_digit(guided_setup):
 
 
 def test_scale_0_is_exactly_unguided_sampling(guided_setup):
+    """With each sampler: DDIM, and the default DPM-Solver++(2M) SDE (the same fresh noise on both sides)."""
     model, classifier, sched, _ = guided_setup
-    x_T = torch.randn(4, 1, 28, 28)
-    guided = src_cfg.sample_guided(model, classifier, sched, x_T, torch.tensor([1, 2, 3, 4]), 0.0, 10, progress=False)
+    x_T, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    guided = src_cfg.sample_guided(model, classifier, sched, x_T, y, 0.0, 10, "ddim", progress=False)
     plain = sample_ddim.sample_ddim(model, sched, x_T, 10, progress=False)
     assert torch.equal(guided, plain)
-    nudged = src_cfg.sample_guided(model, classifier, sched, x_T, torch.tensor([1, 2, 3, 4]), 3.0, 10, progress=False)
+    nudged = src_cfg.sample_guided(model, classifier, sched, x_T, y, 3.0, 10, "ddim", progress=False)
     assert not torch.allclose(nudged, plain)
+    guided = src_cfg.sample_guided(model, classifier, sched, x_T, y, 0.0, 10, "dpmpp-2m-sde",
+                                   generator=torch.Generator().manual_seed(0), progress=False)
+    plain = sample_ddim.sample_dpmpp(model, sched, x_T, 10, stochastic=True, generator=torch.Generator().manual_seed(0),
+                                     progress=False)
+    assert torch.equal(guided, plain)
 
 
 def test_cli_end_to_end(guided_setup, tiny_checkpoint, tiny_mnist, tmp_path, capsys):
