@@ -485,7 +485,7 @@ def save_grid(images_uint8, path, nrow=8):
 
 
 def save_preview(model, sched, args, device, bf16):
-    """16 digits from the same noise after every epoch (a 50-step respaced sampler: ~1% of an epoch on a CPU).
+    """16 digits from the same noise after every epoch (a 50-step respaced sampler: a small fraction of an epoch).
     ddpm_preview.png shows the latest; ddpm_previews.png stacks them, one row per epoch: digits emerge."""
     generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed)
     images = to_uint8(sample_ddpm(model.eval(), sched, PREVIEW_DIGITS, device, bf16, generator, progress=False,

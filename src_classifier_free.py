@@ -380,8 +380,8 @@ def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, n
     """One DPM-Solver++(2M) update from x_s to x_t (Lu et al. 2022, Algorithm 2), in data (x_0) prediction.
     With `noise`: SDE-DPM-Solver++(2M), the stochastic variant. Returns x_t and the step size h (for the next step).
 
-    Between s and t the solver integrates the ODE exactly for an x_0 prediction that is a straight line in λ.
-    prev_pred_x0 = None gives the first-order step (a constant x_0): that is DDIM η=0 (ODE) or η=1 (SDE)."""
+    The ODE's linear part is integrated exactly; the x_0 prediction is held constant over the step (first order,
+    prev_pred_x0 = None: that is DDIM η=0 for the ODE, η=1 for the SDE) or extrapolated along a line in λ."""
     alpha_t, sigma_s, sigma_t = alpha_bar_next.sqrt(), (1 - alpha_bar).sqrt(), (1 - alpha_bar_next).sqrt()
     h = log_snr(alpha_bar_next) - log_snr(alpha_bar)  # the step size in λ (> 0: towards less noise)
     # D: the x_0 the step assumes. First order: this step's prediction. Second order: extrapolate the line through
