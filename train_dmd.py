@@ -16,8 +16,9 @@ noised generator digit x_t:
   - the "fake" score: a copy of the teacher trained online, with the ordinary DDPM loss, on the generator's own
     digits, so it knows what the *generator's* digits look like.
 Where the two disagree, the generator is moved toward the teacher's guess and away from its own (section 5).
-That is the gradient of KL(generator || teacher), which seeks modes: alone it can drop digits. A small
-regression onto cached teacher pairs (chapter 4's idea) keeps every digit in play.
+That is the gradient of KL(generator || teacher), which seeks modes: alone it can over-draw easy digits. A small
+regression onto cached teacher pairs (chapter 4's idea) keeps every digit in play. The run starts with a cheap
+phase of regression alone (chapter 4's kd in brief), so that distribution matching refines digits, not noise.
 
 What comes out (in --out-dir):
     distill_pairs.pt                    cached (z, x_0) teacher pairs, reused while teacher and settings match
@@ -66,10 +67,13 @@ def parse_args(argv=None):
                         "instead of the teacher's weights")
     p.add_argument("--kd", default="distilled_model_final.pt", metavar="PATH",
                    help="a kd student to show in the comparison figure (skipped if the file is not there)")
-    p.add_argument("--pairs", type=positive_int, default=20000,
+    p.add_argument("--pairs", type=positive_int, default=30000,
                    help="cached (noise, teacher digit) pairs for the regression term")
     p.add_argument("--teacher-steps", type=positive_int, default=25, help="the teacher's DDIM steps per pair")
-    p.add_argument("--steps", type=positive_int, default=4000, help="generator updates")
+    p.add_argument("--regression-steps", type=non_negative_int, default=8000,
+                   help="phase 1: generator updates by regression alone (chapter 4's kd, cheap), a warm start")
+    p.add_argument("--steps", type=positive_int, default=6000,
+                   help="phase 2: generator updates by distribution matching + regression")
     p.add_argument("--minutes", type=positive_float, default=45.0,
                    help="wall-clock budget for the whole run, teacher pairs + training: training stops after "
                         "--steps or when the budget is spent, whichever comes first; then it still saves and samples")
@@ -78,7 +82,9 @@ def parse_args(argv=None):
                    help="fake-score updates per generator update (DMD2's two time-scale rule)")
     p.add_argument("--reg-weight", type=non_negative_float, default=0.25,
                    help="weight of the regression term (0 = distribution matching alone)")
-    p.add_argument("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate (generator and fake)")
+    p.add_argument("--regression-lr", type=positive_float, default=1e-3, help="peak learning rate of phase 1")
+    p.add_argument("--lr", type=positive_float, default=2e-4,
+                   help="peak AdamW learning rate of phase 2 (generator and fake score)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the generator's weights")
     p.add_argument("--seed", type=int, default=0, help="random seed (also: which noises z the pairs use)")
@@ -105,6 +111,12 @@ def positive_float(s):
     if not float(s) > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return float(s)
+
+
+def non_negative_int(s):
+    if int(s) < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return int(s)
 
 
 def non_negative_float(s):
@@ -507,22 +519,32 @@ def fake_score_step(fake, optimizer, generator, z, sched, bf16):
 
 
 def generator_loss(generator, teacher, fake, z, z_pair, x0_pair, sched, reg_weight, bf16):
-    """One generator loss: distribution matching on fresh noise z, plus regression onto cached teacher pairs.
-    Returns the total (to backpropagate) and the two terms (to plot)."""
+    """One generator loss: distribution matching on fresh noise z (skipped while `fake` is None, the regression
+    warm-up), plus regression onto cached teacher pairs. Returns the total and the two terms (to plot)."""
     T = sched["alpha_bar"].shape[0]
     t_T = torch.full((len(z),), T - 1, device=z.device, dtype=torch.long)
-    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = generator(z, t_T).float()  # ONE call from noise to digit, with gradient
-    t = torch.randint(int(NOISE_RANGE[0] * T), int(NOISE_RANGE[1] * T), (len(z),), device=z.device)
-    x_t = q_sample(x.detach(), t, torch.randn_like(x), sched)  # noise the generator's digits to a random level
-    with torch.no_grad():  # neither score learns here: the teacher is frozen, the fake has its own step
-        x0_real, x0_fake = pred_x0(teacher, x_t, t, sched, bf16), pred_x0(fake, x_t, t, sched, bf16)
-    loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
-    loss_reg = torch.zeros((), device=z.device)
-    if reg_weight > 0:  # regression (chapter 4): the generator's digit for a cached z ≈ the teacher's digit
+    loss_dm = torch.full((), float("nan"), device=z.device)
+    if fake is not None:
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss_reg = distill_loss(generator(z_pair, t_T[:len(z_pair)]).float(), x0_pair, "l1-clip")
-    return loss_dm + reg_weight * loss_reg, loss_dm.item(), loss_reg.item()
+            x = generator(z, t_T).float()  # ONE call from noise to digit, with gradient
+        t = torch.randint(int(NOISE_RANGE[0] * T), int(NOISE_RANGE[1] * T), (len(z),), device=z.device)
+        x_t = q_sample(x.detach(), t, torch.randn_like(x), sched)  # noise the generator's digits to a random level
+        with torch.no_grad():  # neither score learns here: the teacher is frozen, the fake has its own step
+            x0_real, x0_fake = pred_x0(teacher, x_t, t, sched, bf16), pred_x0(fake, x_t, t, sched, bf16)
+        loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):  # regression (chapter 4): G(z) ≈ teacher(z)
+        loss_reg = distill_loss(generator(z_pair, t_T[:len(z_pair)]).float(), x0_pair, "l1-clip")
+    total = reg_weight * loss_reg if fake is None else loss_dm + reg_weight * loss_reg
+    return total, loss_dm.item(), loss_reg.item()
+
+
+def phase_lr(args, step, time_fraction):
+    """The generator's learning rate. The regression warm-up (--regression-lr) and distribution matching (--lr)
+    each get their own warm-up and cosine decay; the second also decays with the time budget."""
+    if step < args.regression_steps:
+        return args.regression_lr / args.lr * learning_rate(args, step, step / args.regression_steps)
+    k = step - args.regression_steps
+    return learning_rate(args, k, max(k / args.steps, time_fraction))
 
 
 def checkpoint_of(args, config, generator, ema, fake, optimizers, step, losses, final=False):
@@ -561,7 +583,8 @@ def setup(args, teacher, device):
 
 
 def train(args, teacher, ckpt_config, sched, device, bf16):
-    """Alternate fake-score updates and generator updates for --steps, or until the budget is spent."""
+    """Phase 1: --regression-steps of regression alone. Phase 2: --steps of fake-score updates alternating with
+    generator updates (distribution matching + regression). Stops early when the budget is spent."""
     run_start = time.time()  # --minutes covers the pairs too: what they take, training doesn't get
     settings = {"teacher": file_fingerprint(args.checkpoint), "teacher_steps": args.teacher_steps,
                 "pairs": args.pairs, "seed": args.seed, "schedule": ckpt_config["schedule"], "bf16": bf16}
@@ -577,27 +600,30 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
     if budget_s <= 0:
         fail(f"the teacher pairs used the whole --minutes {args.minutes:g} budget; they are cached now: run the "
              f"same command again to train, or raise --minutes")
-    start, B = time.time(), args.batch_size
-    bar = tqdm(total=args.steps, initial=step, desc="DMD", unit="step")
+    start, B, total = time.time(), args.batch_size, args.regression_steps + args.steps
+    bar = tqdm(total=total, initial=step, desc="regression warm-up, then DMD", unit="step")
     try:
-        while step < args.steps and time.time() - start < budget_s:
-            for optimizer in optimizers:  # the learning rate decays by steps or by time, whichever is further
+        while step < total and time.time() - start < budget_s:
+            matching = step >= args.regression_steps  # phase 2: distribution matching on top of the regression
+            lr = phase_lr(args, step, (time.time() - start) / budget_s)
+            for optimizer in optimizers:
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, step, max(step / args.steps, (time.time() - start) / budget_s))
-            for _ in range(args.fake_updates):  # two time-scales: the fake score keeps up with the generator
-                losses["fake score"].append(fake_score_step(fake, optimizers[1], generator,
-                                                            torch.randn(B, 1, 28, 28, device=device), sched, bf16))
+                    group["lr"] = lr
+            # two time-scales (DMD2): the fake score takes several steps per generator step, to keep up with it
+            fake_losses = [fake_score_step(fake, optimizers[1], generator, torch.randn(B, 1, 28, 28, device=device),
+                                           sched, bf16) for _ in range(args.fake_updates if matching else 0)]
             idx = torch.randint(0, len(z_all), (B,), device=device)
-            loss, loss_dm, loss_reg = generator_loss(generator, teacher, fake, torch.randn(B, 1, 28, 28, device=device),
-                                                     z_all[idx], x0_all[idx], sched, args.reg_weight, bf16)
+            loss, loss_dm, loss_reg = generator_loss(generator, teacher, fake if matching else None,
+                                                     torch.randn(B, 1, 28, 28, device=device), z_all[idx],
+                                                     x0_all[idx], sched, args.reg_weight if matching else 1.0, bf16)
             optimizers[0].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
             optimizers[0].step()
             ema.update(generator, step)
             step += 1
-            losses["distribution matching"].append(loss_dm)
-            losses["regression"].append(loss_reg)
+            for key, value in zip(losses, (loss_dm, loss_reg, float(np.mean(fake_losses)) if fake_losses else float("nan"))):
+                losses[key].append(value)
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix({k.split()[0]: f"{np.mean(v[-100:]):.4f}" for k, v in losses.items()})
@@ -688,9 +714,8 @@ def save_dmd_outputs(args, generator, teacher, sched, device, bf16, losses):
     if any(losses.values()):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for label, values in losses.items():
-            if values:
-                ax.plot(np.arange(len(values)) * len(losses["regression"]) / len(values), values, lw=0.5, label=label)
-        ax.set(xlabel="generator step", ylabel="loss", yscale="log", title="DMD training losses")
+            ax.plot(values, lw=0.5, label=label)  # NaN (not plotted) where a term was not computed
+        ax.set(xlabel="generator step", ylabel="loss", yscale="log", title="regression warm-up, then DMD")
         ax.legend()
         fig.savefig(os.path.join(args.out_dir, f"{PREFIX}_loss_curve.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)

@@ -141,13 +141,15 @@ def test_dmd_end_to_end_resume_init_and_sample_only(teacher, tmp_path, capsys):
              "--batch-size", "16", "--epochs", "1", "--num-samples", "2"])  # a kd student, for --init and the figure
     kd = str(tmp_path / td.FINAL_NAME)
     common = ["--checkpoint", path, "--out-dir", str(tmp_path), "--pairs", "32", "--teacher-steps", "2",
-              "--batch-size", "8", "--num-samples", "4", "--kd", kd, "--init", kd]
-    dmd.main(common + ["--steps", "2"])
-    assert torch.load(tmp_path / dmd.LAST_NAME, weights_only=True)["step"] == 2
+              "--batch-size", "8", "--num-samples", "4", "--kd", kd, "--init", kd, "--regression-steps", "1"]
+    dmd.main(common + ["--steps", "2"])  # 1 regression step, then 2 distribution-matching steps
+    assert torch.load(tmp_path / dmd.LAST_NAME, weights_only=True)["step"] == 3
     dmd.main(common + ["--steps", "3", "--resume", "--save-npz", str(tmp_path / "one.npz")])
     final = torch.load(tmp_path / dmd.FINAL_NAME, weights_only=True)
-    assert final["step"] == 3 and final["config"]["method"] == "dmd" and "optimizers" not in final
-    assert [len(v) for v in final["losses"].values()] == [3, 3, 6]  # two fake updates per generator update
+    assert final["step"] == 4 and final["config"]["method"] == "dmd" and "optimizers" not in final
+    assert [len(v) for v in final["losses"].values()] == [4, 4, 4]  # one entry per generator update
+    fake_losses = final["losses"]["fake score"]  # none in the regression warm-up, one per step after it
+    assert np.isnan(fake_losses[0]) and not np.isnan(fake_losses[1:]).any()
     assert np.load(tmp_path / "one.npz")["images"].shape == (4, 28, 28)
     for name in ["dmd_comparison.png", "dmd_samples.png", "dmd_loss_curve.png"]:
         assert (tmp_path / name).is_file(), name
