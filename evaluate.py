@@ -438,6 +438,7 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
     import src_cfg
     import src_classifier_free
     import train_distilled
+    import train_dmd
     import train_progressive
     y = torch.arange(len(x_T), device=device) % 10  # the digits the guided samplers are asked for: 0-9, repeated
 
@@ -466,7 +467,9 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
                 ("distilled, 1 step", "train_distilled.py", train_distilled.FINAL_NAME,
                  one_step(train_distilled, "distilled")),
                 ("progressive-distilled, 1 step", "train_progressive.py", train_progressive.FINAL_NAME,
-                 one_step(train_progressive, "progressive"))]
+                 one_step(train_progressive, "progressive")),
+                ("distribution-matching distilled, 1 step", "train_dmd.py", train_dmd.FINAL_NAME,
+                 one_step(train_dmd, "dmd"))]
     samplers, notes = [], []
     for name, script, filename, build in chapters:
         path = os.path.join(args.out_dir, filename)

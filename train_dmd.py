@@ -622,7 +622,8 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
             optimizers[0].step()
             ema.update(generator, step)
             step += 1
-            for key, value in zip(losses, (loss_dm, loss_reg, float(np.mean(fake_losses)) if fake_losses else float("nan"))):
+            loss_fake = float(np.mean(fake_losses)) if fake_losses else float("nan")  # NaN: not trained this step
+            for key, value in zip(losses, (loss_dm, loss_reg, loss_fake)):
                 losses[key].append(value)
             bar.update(1)
             if step % 20 == 0:
@@ -736,7 +737,8 @@ def main(argv=None):
         fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
     teacher = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval().requires_grad_(False)
     sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
-    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | teacher {args.checkpoint} (step {ckpt['step']})")
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | teacher {args.checkpoint} "
+          f"(step {ckpt['step']})")
     if args.sample_only:
         path = os.path.join(args.out_dir, FINAL_NAME)
         dmd = load_checkpoint(path, device, "dmd", "train_dmd.py")

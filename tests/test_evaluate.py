@@ -158,6 +158,7 @@ def test_benchmark_times_the_samplers_that_exist(tiny_checkpoint, capsys):
     table = capsys.readouterr().out
     assert "| DDPM ancestral, 1000 steps (src.py) |" in table and "1.0x" in table and "torch" in table
     assert "| DPM-Solver++(2M) SDE 20 steps (sample_ddim.py) |" in table
+    assert "run `python train_dmd.py` to time it" in table  # no chapter files here: a note for each
 
 
 def test_benchmark_without_checkpoint_says_which_script(tmp_path):

@@ -82,7 +82,7 @@ def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint):
     assert names == [f"classifier-free guided {cf.DEFAULT_SAMPLER} 50 steps, w {cf.DEFAULT_WEIGHT:g} "
                      f"(src_classifier_free.py)"]
     assert samplers[0][1]().shape == x_T.shape
-    assert len(notes) == 3 and all("run `python " in note for note in notes)  # the chapters not trained here
+    assert len(notes) == 4 and all("run `python " in note for note in notes)  # the chapters not trained here
 
 
 bad = partial(one_line_error, cf.main)
