@@ -3,9 +3,9 @@ Chapter 4c - distribution matching distillation (DMD): a one-step generator that
 *distribution* of digits, not one path through it.
 
 Usage (copy-paste):
-    python train_dmd.py                             # teacher pairs once (cached), then DMD: <= 45 minutes
+    python train_dmd.py                             # pairs once (cached), regression warm-up, DMD: <= 45 minutes
     python train_dmd.py --minutes 15                # a wall-clock budget for the whole run, pairs included
-    python train_dmd.py --kd distilled_model_final.pt   # the figure also shows chapter 4's kd student
+    python train_dmd.py --init distilled_model_final.pt --regression-steps 0   # start from chapter 4's kd student
     python train_dmd.py --sample-only --num-samples 2000 --save-npz dmd.npz   # for evaluate.py
 
 The idea (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation"; DMD2, Yin et al. 2024).
@@ -23,7 +23,7 @@ phase of regression alone (chapter 4's kd in brief), so that distribution matchi
 What comes out (in --out-dir):
     distill_pairs.pt                    cached (z, x_0) teacher pairs, reused while teacher and settings match
     dmd_model_final.pt                  the one-step generator (+ EMA + config); dmd_model_last.pt resumable
-    dmd_comparison.png                  the SAME noise: teacher DDIM-50 | kd student (with --kd) | DMD, 1 step
+    dmd_comparison.png                  the SAME noise: teacher DDIM-50 | kd student (--kd, if found) | DMD, 1 step
     dmd_samples.png                     a grid of one-step digits
     dmd_loss_curve.png                  the three losses: distribution matching, regression, fake score
 """
@@ -749,8 +749,8 @@ def main(argv=None):
     start = time.time()
     generator, losses, train_seconds = train(args, teacher, ckpt["config"], sched, device, bf16)
     total = time.time() - start
-    print(f"time: teacher pairs {(total - train_seconds) / 60:.1f} min + DMD {train_seconds / 60:.1f} min = "
-          f"{total / 60:.1f} min")
+    print(f"time: teacher pairs {(total - train_seconds) / 60:.1f} min + regression warm-up and DMD "
+          f"{train_seconds / 60:.1f} min = {total / 60:.1f} min")
     save_dmd_outputs(args, generator, teacher, sched, device, bf16, losses)
 
 
