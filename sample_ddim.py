@@ -15,6 +15,8 @@ Samplers (--sampler):
     ddim          Song et al. 2021. --eta 0: deterministic (an ODE); --eta 1: DDPM's ancestral step, strided.
     dpmpp-2m      DPM-Solver++(2M) (Lu et al. 2022): the same ODE as DDIM eta=0, solved to second order.
     dpmpp-2m-sde  its stochastic twin (SDE-DPM-Solver++(2M)): second order, with fresh noise like eta=1.
+    restart       dpmpp-2m-sde that, once near the end, jumps back up to more noise and walks t = 400..100 again
+                  (Restart sampling, Xu et al. 2023): a fifth of the calls spent where a small model errs.
 
 What comes out (in --out-dir):
     {sampler}_samples_{K}_steps.png a grid for each sampler and call count K (the same starting noise for all)
@@ -52,7 +54,8 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
-SAMPLERS = ["ddim", "dpmpp-2m", "dpmpp-2m-sde"]
+SAMPLERS = ["ddim", "dpmpp-2m", "dpmpp-2m-sde", "restart"]
+RESTART = {"t_min": 100, "t_max": 400}  # restart: the stretch of timesteps walked twice (see sample_restart)
 
 
 def parse_args(argv=None):
@@ -406,24 +409,54 @@ def solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise
     return x, (pred_x0, h)
 
 
-@torch.no_grad()
-def sample_dpmpp(model, sched, x_T, steps, stochastic=False, spacing="uniform", bf16=False, generator=None,
-                 progress=True):
-    """DPM-Solver++(2M) from the noise x_T to digits in `steps` model calls: first order on the first step (no
-    previous prediction yet) and on the last, second order in between. stochastic=True: the SDE variant."""
-    T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(steps, T, spacing)
-    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
+def dpmpp_solve(model, sched, x, timesteps, alpha_bar_end, stochastic, bf16, generator, progress=False):
+    """DPM-Solver++(2M) through the visited `timesteps` (one model call each), landing on the noise level
+    alpha_bar_end (1 = the digit itself). First order on the first step (no previous prediction yet) and on the
+    last, second order in between. stochastic=True: the SDE variant."""
+    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [alpha_bar_end]
     eta = 1.0 if stochastic else 0.0
-    x, previous = x_T, None
+    previous = None
     name = "DPM-Solver++(2M) SDE" if stochastic else "DPM-Solver++(2M)"
-    for i, t in enumerate(tqdm(timesteps, desc=f"{name} {steps} steps", disable=not progress, leave=False)):
+    for i, t in enumerate(tqdm(timesteps, desc=f"{name} {len(timesteps)} steps", disable=not progress,
+                               leave=False)):
         t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred_noise = model(x, t_batch).float()
         noise = torch.randn(x.shape, device=x.device, generator=generator) if stochastic else None
         x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, True, eta, noise)
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp(model, sched, x_T, steps, stochastic=False, spacing="uniform", bf16=False, generator=None,
+                 progress=True):
+    """DPM-Solver++(2M) from the noise x_T to digits in `steps` model calls (stochastic=True: the SDE)."""
+    timesteps = ddim_timesteps(steps, sched["alpha_bar"].shape[0], spacing)
+    one = torch.ones((), device=x_T.device)  # ᾱ = 1: the last step lands on x_0
+    return dpmpp_solve(model, sched, x_T, timesteps, one, stochastic, bf16, generator, progress)
+
+
+@torch.no_grad()
+def sample_restart(model, sched, x_T, steps, spacing="uniform", bf16=False, generator=None, progress=True):
+    """Restart sampling (Xu et al. 2023) on DPM-Solver++(2M) SDE, `steps` model calls in all.
+    1. Walk the usual path (4/5 of the calls) down to t_min, its first visit at or below RESTART["t_min"].
+    2. Jump back up to t_max with the forward process in one go:
+       x_max = √(ᾱ_max/ᾱ_min) x_min + √(1 - ᾱ_max/ᾱ_min) z. Fresh noise shrinks the errors gathered so far.
+    3. Walk the stretch t_max -> t_min again (the remaining 1/5 of the calls), where this model's errors enter.
+    4. Carry on down the usual path to x_0."""
+    T = sched["alpha_bar"].shape[0]
+    restart_calls = max(1, steps // 5)
+    path = ddim_timesteps(steps - restart_calls, T, spacing)
+    k = next((i for i, t in enumerate(path) if t <= RESTART["t_min"]), len(path) - 1)  # first visit <= t_min
+    t_min, t_max = path[k], RESTART["t_max"]
+    again = np.linspace(t_max, t_min + 1, restart_calls).round().astype(int).tolist()  # the stretch, walked again
+    alpha_bar_min, alpha_bar_max = sched["alpha_bar"][t_min], sched["alpha_bar"][t_max]
+    one = torch.ones((), device=x_T.device)
+    x = dpmpp_solve(model, sched, x_T, path[:k], alpha_bar_min, True, bf16, generator, progress)  # 1.
+    z = torch.randn(x.shape, device=x.device, generator=generator)
+    x = (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z  # 2.
+    x = dpmpp_solve(model, sched, x, again, alpha_bar_min, True, bf16, generator, progress)  # 3.
+    return dpmpp_solve(model, sched, x, path[k:], one, True, bf16, generator, progress)  # 4.
 
 
 def run_sampler(name, model, sched, x_T, steps, args, bf16, generator):
@@ -433,6 +466,8 @@ def run_sampler(name, model, sched, x_T, steps, args, bf16, generator):
         return sample_ddim(model, sched, x_T, steps, 1.0, "uniform", bf16, generator)
     if name == "ddim":
         return sample_ddim(model, sched, x_T, steps, args.eta, args.spacing, bf16, generator)
+    if name == "restart":
+        return sample_restart(model, sched, x_T, steps, args.spacing, bf16, generator)
     return sample_dpmpp(model, sched, x_T, steps, name == "dpmpp-2m-sde", args.spacing, bf16, generator)
 
 
@@ -521,6 +556,8 @@ def main(argv=None):
     T = ckpt["config"]["schedule"]["T"]
     if any(k > T for k in args.steps):
         fail(f"--steps can be at most the {T} timesteps the model was trained with, got {args.steps}")
+    if "restart" in args.sampler and min(args.steps) < 5:
+        fail(f"--sampler restart needs --steps >= 5 (a fifth of them walk t = 400..100 again), got {args.steps}")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:

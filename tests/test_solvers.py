@@ -89,6 +89,28 @@ def test_dpmpp_2m_sde_samples_have_the_data_mean_and_variance():
     assert samples.var().item() == pytest.approx(S ** 2, abs=5 * S ** 2 * (2 / n) ** 0.5)
 
 
+def test_restart_samples_have_the_data_mean_and_variance_in_exactly_the_calls_asked_for():
+    """The jump back up is the forward process itself, so from correct digits at t_min it gives correct x at t_max:
+    Restart must not bias the distribution. And --steps K means K calls, the stretch walked twice included."""
+    n, calls = 200_000, []
+
+    def counting_model(x, t):
+        calls.append(int(t[0]))
+        return MODEL(x, t)
+
+    x_T = torch.randn(n, 1, generator=torch.Generator().manual_seed(1))
+    samples = sample_ddim.sample_restart(counting_model, SCHED, x_T, 100, "quadratic",
+                                         generator=torch.Generator().manual_seed(2), progress=False)
+    assert len(calls) == 100
+    went_back_up = [i for i in range(1, len(calls)) if calls[i] > calls[i - 1]]
+    assert len(went_back_up) == 1
+    jump = went_back_up[0]  # up from below the last visit above t_min to t_max, then 20 calls, then on from t_min
+    assert calls[jump] == sample_ddim.RESTART["t_max"]
+    assert calls[jump - 1] > sample_ddim.RESTART["t_min"] >= calls[jump + 20]
+    assert samples.mean().item() == pytest.approx(MU, abs=5 * S / n ** 0.5)
+    assert samples.var().item() == pytest.approx(S ** 2, abs=5 * S ** 2 * (2 / n) ** 0.5)
+
+
 def test_with_all_1000_steps_dpmpp_2m_follows_the_ddim_eta_0_path(x_T):
     """The same path; what is left between them is DDIM's own first-order error at 1000 steps (~0.006 here)."""
     assert torch.allclose(dpmpp(x_T, 1000), ddim(x_T, 1000), atol=1e-2)
@@ -126,6 +148,11 @@ def test_bad_steps_with_each_sampler(sampler, tiny_checkpoint, capsys):
     steps_zero = ["--checkpoint", ckpt, "--sampler", sampler, "--steps", "0"]
     assert "--steps: must be > 0, got 0" in refused_flag(sample_ddim.main, steps_zero, capsys)
     assert "at most the 1000 timesteps" in bad(["--checkpoint", ckpt, "--sampler", sampler, "--steps", "1001"])
+
+
+def test_restart_needs_five_calls(tiny_checkpoint):
+    ckpt = str(tiny_checkpoint / "diffusion_model_final.pt")
+    assert "needs --steps >= 5" in bad(["--checkpoint", ckpt, "--sampler", "restart", "--steps", "4", "20"])
 
 
 def test_unknown_sampler_is_refused(capsys):
