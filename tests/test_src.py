@@ -85,6 +85,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     ckpt = torch.load(out / "diffusion_model_final.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 25 * (256 // 32) and ckpt["epoch"] == 25
     assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"]["T"] == 1000
+    assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 32  # how it was trained, for the record
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
     samples = np.load(out / "samples.npz")["images"]
