@@ -443,7 +443,8 @@ def sample_restart(model, sched, x_T, steps, spacing="uniform", bf16=False, gene
     2. Jump back up to t_max with the forward process in one go:
        x_max = √(ᾱ_max/ᾱ_min) x_min + √(1 - ᾱ_max/ᾱ_min) z. Fresh noise shrinks the errors gathered so far.
     3. Walk the stretch t_max -> t_min again (the remaining 1/5 of the calls), where this model's errors enter.
-    4. Carry on down the usual path to x_0."""
+    4. Carry on down the usual path to x_0.
+    Each stretch is one dpmpp_solve walk, so each ends with a first-order step that adds no fresh noise."""
     T = sched["alpha_bar"].shape[0]
     restart_calls = max(1, steps // 5)
     path = ddim_timesteps(steps - restart_calls, T, spacing)
