@@ -519,23 +519,24 @@ def fake_score_step(fake, optimizer, generator, z, sched, bf16):
 
 
 def generator_loss(generator, teacher, fake, z, z_pair, x0_pair, sched, reg_weight, bf16):
-    """One generator loss: distribution matching on fresh noise z (skipped while `fake` is None, the regression
-    warm-up), plus regression onto cached teacher pairs. Returns the total and the two terms (to plot)."""
+    """One generator loss: regression onto cached teacher pairs, plus distribution matching on fresh noise z.
+    fake=None is the regression warm-up: regression alone. Returns the total and the two terms (to plot)."""
     T = sched["alpha_bar"].shape[0]
-    t_T = torch.full((len(z),), T - 1, device=z.device, dtype=torch.long)
-    loss_dm = torch.full((), float("nan"), device=z.device)
-    if fake is not None:
-        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = generator(z, t_T).float()  # ONE call from noise to digit, with gradient
-        t = torch.randint(int(NOISE_RANGE[0] * T), int(NOISE_RANGE[1] * T), (len(z),), device=z.device)
-        x_t = q_sample(x.detach(), t, torch.randn_like(x), sched)  # noise the generator's digits to a random level
-        with torch.no_grad():  # neither score learns here: the teacher is frozen, the fake has its own step
-            x0_real, x0_fake = pred_x0(teacher, x_t, t, sched, bf16), pred_x0(fake, x_t, t, sched, bf16)
-        loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
-    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):  # regression (chapter 4): G(z) ≈ teacher(z)
-        loss_reg = distill_loss(generator(z_pair, t_T[:len(z_pair)]).float(), x0_pair, "l1-clip")
-    total = reg_weight * loss_reg if fake is None else loss_dm + reg_weight * loss_reg
-    return total, loss_dm.item(), loss_reg.item()
+
+    def one_step(noise):  # ONE call from noise to digit, with gradient
+        with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return generator(noise, torch.full((len(noise),), T - 1, device=noise.device, dtype=torch.long)).float()
+
+    loss_reg = distill_loss(one_step(z_pair), x0_pair, "l1-clip")  # regression (chapter 4): G(z) ≈ teacher(z)
+    if fake is None:
+        return loss_reg, float("nan"), loss_reg.item()
+    x = one_step(z)
+    t = torch.randint(int(NOISE_RANGE[0] * T), int(NOISE_RANGE[1] * T), (len(z),), device=z.device)
+    x_t = q_sample(x.detach(), t, torch.randn_like(x), sched)  # noise the generator's digits to a random level
+    with torch.no_grad():  # neither score learns here: the teacher is frozen, the fake has its own step
+        x0_real, x0_fake = pred_x0(teacher, x_t, t, sched, bf16), pred_x0(fake, x_t, t, sched, bf16)
+    loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
+    return loss_dm + reg_weight * loss_reg, loss_dm.item(), loss_reg.item()
 
 
 def phase_lr(args, step, time_fraction):
@@ -613,9 +614,9 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
             fake_losses = [fake_score_step(fake, optimizers[1], generator, torch.randn(B, 1, 28, 28, device=device),
                                            sched, bf16) for _ in range(args.fake_updates if matching else 0)]
             idx = torch.randint(0, len(z_all), (B,), device=device)
-            loss, loss_dm, loss_reg = generator_loss(generator, teacher, fake if matching else None,
-                                                     torch.randn(B, 1, 28, 28, device=device), z_all[idx],
-                                                     x0_all[idx], sched, args.reg_weight if matching else 1.0, bf16)
+            z = torch.randn(B, 1, 28, 28, device=device) if matching else None  # fresh noise: phase 2 only
+            loss, loss_dm, loss_reg = generator_loss(generator, teacher, fake if matching else None, z, z_all[idx],
+                                                     x0_all[idx], sched, args.reg_weight, bf16)
             optimizers[0].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
