@@ -167,18 +167,18 @@ def test_benchmark_without_checkpoint_says_which_script(tmp_path):
 
 @needs_real_mnist
 def test_reference_classifier_reads_real_digits(tmp_path_factory):
-    """On real MNIST: >= 99% test accuracy, the accuracy path on labelled real digits is >= 0.98, and real test
-    digits score far better than blurred training digits."""
+    """On real MNIST, after one epoch (the default trains three): >= 98% test accuracy (evaluate.py's own bar), >= 97%
+    through the accuracy path on 1000 labelled test digits, and real digits score far better than blurred ones."""
     out = tmp_path_factory.mktemp("real_eval")
-    args = evaluate.parse_args(["x", "--data-root", REAL_MNIST, "--out-dir", str(out), "--classifier-epochs", "2"])
+    args = evaluate.parse_args(["x", "--data-root", REAL_MNIST, "--out-dir", str(out), "--classifier-epochs", "1"])
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the one test that trains on all 60k digits
     try:
         model, ckpt = evaluate.load_network("cnn", args, CPU)
     finally:
         torch.set_num_threads(threads)
-    assert ckpt["test_accuracy"] >= 0.99
+    assert ckpt["test_accuracy"] >= 0.98
     images, labels = evaluate.load_mnist(REAL_MNIST, train=False)
     result = evaluate.score({"cnn": (model, ckpt)}, images[:1000], labels[:1000], CPU, data_root=REAL_MNIST)
-    assert result["accuracy"] >= 0.98
+    assert result["accuracy"] >= 0.97
     assert result["fid"] < result["fid_blurred_real_train"] / 5
