@@ -1,11 +1,12 @@
-"""gpu_benchmark.py: every step runs end to end on the CPU with --tiny, and the table reports each measurement."""
+"""gpu_benchmark.py: every step runs end to end on the CPU with --tiny (the sampler benchmark with known timings:
+it is tested in test_evaluate.py), and the table reports each measurement."""
 import evaluate
 import gpu_benchmark
 
 
 def test_tiny_run_prints_the_table(tiny_mnist, tmp_path, capsys, monkeypatch):
-    # The sampler benchmark itself (with its 1000-step sampler) is tested in test_evaluate.py; here it returns
-    # known timings, so the test checks that they reach the table, and the benchmark runs once per test session.
+    # Known timings in place of the benchmark (its 1000-step sampler then runs once per test session): they must
+    # reach the table as they are.
     rows = [{"sampler": "DDPM ancestral, 1000 steps (src.py)", "seconds_per_batch": 2.0, "images_per_second": 2.0},
             {"sampler": "DPM-Solver++(2M) SDE 20 steps (sample_ddim.py)", "seconds_per_batch": 0.05,
              "images_per_second": 80.0}]
