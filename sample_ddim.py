@@ -409,21 +409,20 @@ def solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise
     return x, (pred_x0, h)
 
 
-def dpmpp_solve(model, sched, x, timesteps, alpha_bar_end, stochastic, bf16, generator, progress=False):
+def dpmpp_solve(model, sched, x, timesteps, alpha_bar_end, stochastic, bf16, generator, bar):
     """DPM-Solver++(2M) through the visited `timesteps` (one model call each), landing on the noise level
     alpha_bar_end (1 = the digit itself). First order on the first step (no previous prediction yet) and on the
-    last, second order in between. stochastic=True: the SDE variant."""
+    last, second order in between. stochastic=True: the SDE variant. `bar` (a tqdm) ticks once per call."""
     alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [alpha_bar_end]
     eta = 1.0 if stochastic else 0.0
     previous = None
-    name = "DPM-Solver++(2M) SDE" if stochastic else "DPM-Solver++(2M)"
-    for i, t in enumerate(tqdm(timesteps, desc=f"{name} {len(timesteps)} steps", disable=not progress,
-                               leave=False)):
+    for i, t in enumerate(timesteps):
         t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred_noise = model(x, t_batch).float()
         noise = torch.randn(x.shape, device=x.device, generator=generator) if stochastic else None
         x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, True, eta, noise)
+        bar.update(1)
     return x
 
 
@@ -433,7 +432,9 @@ def sample_dpmpp(model, sched, x_T, steps, stochastic=False, spacing="uniform", 
     """DPM-Solver++(2M) from the noise x_T to digits in `steps` model calls (stochastic=True: the SDE)."""
     timesteps = ddim_timesteps(steps, sched["alpha_bar"].shape[0], spacing)
     one = torch.ones((), device=x_T.device)  # ᾱ = 1: the last step lands on x_0
-    return dpmpp_solve(model, sched, x_T, timesteps, one, stochastic, bf16, generator, progress)
+    name = "DPM-Solver++(2M) SDE" if stochastic else "DPM-Solver++(2M)"
+    with tqdm(total=steps, desc=f"{name} {steps} steps", disable=not progress, leave=False) as bar:
+        return dpmpp_solve(model, sched, x_T, timesteps, one, stochastic, bf16, generator, bar)
 
 
 @torch.no_grad()
@@ -453,11 +454,12 @@ def sample_restart(model, sched, x_T, steps, spacing="uniform", bf16=False, gene
     again = np.linspace(t_max, t_min + 1, restart_calls).round().astype(int).tolist()  # the stretch, walked again
     alpha_bar_min, alpha_bar_max = sched["alpha_bar"][t_min], sched["alpha_bar"][t_max]
     one = torch.ones((), device=x_T.device)
-    x = dpmpp_solve(model, sched, x_T, path[:k], alpha_bar_min, True, bf16, generator, progress)  # 1.
-    z = torch.randn(x.shape, device=x.device, generator=generator)
-    x = (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z  # 2.
-    x = dpmpp_solve(model, sched, x, again, alpha_bar_min, True, bf16, generator, progress)  # 3.
-    return dpmpp_solve(model, sched, x, path[k:], one, True, bf16, generator, progress)  # 4.
+    with tqdm(total=steps, desc=f"Restart {steps} steps", disable=not progress, leave=False) as bar:
+        x = dpmpp_solve(model, sched, x_T, path[:k], alpha_bar_min, True, bf16, generator, bar)  # 1.
+        z = torch.randn(x.shape, device=x.device, generator=generator)
+        x = (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z  # 2.
+        x = dpmpp_solve(model, sched, x, again, alpha_bar_min, True, bf16, generator, bar)  # 3.
+        return dpmpp_solve(model, sched, x, path[k:], one, True, bf16, generator, bar)  # 4.
 
 
 def run_sampler(name, model, sched, x_T, steps, args, bf16, generator):
