@@ -140,11 +140,22 @@ def to_uint8(x):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Noise schedule (DDPM paper, Sec. 2 and 4). Identical copy in every chapter.
+# 3. Noise schedule (DDPM paper, Sec. 2 and 4; the cosine one from Improved DDPM). Identical copy in every chapter.
 # ----------------------------------------------------------------------------------------------------
-def ddpm_schedule(T, beta_1, beta_T):
-    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T)."""
+def ddpm_schedule(T, *, kind="linear", beta_1=1e-4, beta_T=0.02, s=0.008):
+    """The tensors named after the paper's symbols. Index t runs 0..T-1 (the paper's t = 1..T).
+    kind="linear": β_t rises in a straight line from beta_1 to beta_T (the DDPM paper, Sec. 4).
+    kind="cosine": ᾱ_t falls along a cosine instead (Nichol & Dhariwal 2021, Eq. 17): the digit fades evenly over
+    all T steps, where the linear schedule has all but erased it by t ≈ 600 and spends the rest on pure noise."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # β_t: noise added at step t (linear)
+    if kind == "cosine":
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        # ᾱ_t = f(t)/f(0), floored at the linear schedule's ᾱ_T ≈ 4e-5: x_T is noise just as nearly, and ε -> x_0
+        # never divides by √ᾱ ≈ 0 (the paper clips β_t at 0.999 instead, which leaves ᾱ_T ≈ 2e-9).
+        alpha_bar = (f[1:] / f[0]).clamp(min=torch.cumprod(1.0 - beta, dim=0)[-1].item())
+        beta = 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # 1 - ᾱ_t/ᾱ_{t-1}
+    elif kind != "linear":
+        raise ValueError(f"unknown noise schedule {kind!r} (linear or cosine)")
     alpha = 1.0 - beta  # α_t = 1 - β_t
     alpha_bar = torch.cumprod(alpha, dim=0)  # ᾱ_t = α_1 · α_2 ··· α_t: signal kept after t steps
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ_{t-1}, ᾱ_0 = 1

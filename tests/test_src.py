@@ -18,13 +18,30 @@ run_main = partial(one_line_error, src.main)  # for a run that must fail: its on
 
 
 # --- schedule ---------------------------------------------------------------------------------------
-def test_schedule_alpha_bar_is_monotone_and_in_range():
-    s = src.ddpm_schedule(**src.SCHEDULE)
-    assert s["beta"][0].item() == pytest.approx(1e-4) and s["beta"][-1].item() == pytest.approx(0.02)
-    assert torch.all(s["alpha_bar"][1:] < s["alpha_bar"][:-1])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_tensors_agree_with_each_other(kind):
+    s = src.ddpm_schedule(T=1000, kind=kind)
+    assert torch.all(s["alpha_bar"][1:] <= s["alpha_bar"][:-1])
     assert 0 < s["alpha_bar"][-1] < 1e-4 < s["alpha_bar"][0] < 1
     assert torch.allclose(s["alpha_bar"], torch.cumprod(1 - s["beta"].double(), 0).float())
+    assert torch.allclose(s["alpha_bar_prev"][1:], s["alpha_bar"][:-1]) and s["alpha_bar_prev"][0] == 1
     assert s["posterior_var"][0] == 0 and torch.all(s["posterior_var"][1:] <= s["beta"][1:])
+
+
+def test_linear_schedule_is_the_ddpm_papers_and_old_checkpoints_still_get_it():
+    s = src.ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02)  # the schedule of a checkpoint saved before "kind"
+    assert s["beta"][0].item() == pytest.approx(1e-4) and s["beta"][-1].item() == pytest.approx(0.02)
+    assert torch.all(s["alpha_bar"][1:] < s["alpha_bar"][:-1])
+
+
+def test_cosine_schedule_follows_the_cosine_and_ends_where_the_linear_one_does():
+    cosine, linear = src.ddpm_schedule(T=1000, kind="cosine"), src.ddpm_schedule(**src.SCHEDULE)
+    f = [np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2 for t in (0, 500)]
+    assert cosine["alpha_bar"][499].item() == pytest.approx(f[1] / f[0], rel=1e-4)  # paper t = 500, index 499
+    assert cosine["alpha_bar"][-1].item() == pytest.approx(linear["alpha_bar"][-1].item(), rel=1e-4)  # the floor
+    assert cosine["alpha_bar"][599] > 10 * linear["alpha_bar"][599]  # t = 600: ᾱ ≈ 0.34, not 0.026
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        src.ddpm_schedule(T=10, kind="quadratic")
 
 
 @pytest.mark.parametrize("t", [0, 300, 999])
@@ -84,7 +101,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert not list(out.glob("*.tmp"))
     ckpt = torch.load(out / "diffusion_model_final.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 10 * (256 // 16) and ckpt["epoch"] == 10
-    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"]["T"] == 1000
+    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == {"T": 1000, "kind": "linear"}
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
@@ -94,10 +111,10 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
 
 def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
     common = ["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "64",
-              "--base-channels", "8", "--num-samples", "1"]
+              "--base-channels", "8", "--num-samples", "1", "--schedule", "cosine"]
     src.main(common + ["--epochs", "1"])
     first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
-    assert first["step"] == 4 and len(first["losses"]) == 4
+    assert first["step"] == 4 and len(first["losses"]) == 4 and first["config"]["schedule"]["kind"] == "cosine"
     src.main(common + ["--epochs", "3", "--resume"])
     resumed = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert resumed["step"] == 12 and resumed["losses"][:4] == first["losses"]

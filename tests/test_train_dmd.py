@@ -13,7 +13,7 @@ import train_dmd as dmd
 import train_distilled as td
 
 CPU = torch.device("cpu")
-SCHED = dmd.ddpm_schedule(1000, 1e-4, 0.02)
+SCHED = dmd.ddpm_schedule(T=1000, kind="linear")
 
 
 class MixtureDenoiser(torch.nn.Module):
