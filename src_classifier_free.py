@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 # ----------------------------------------------------------------------------------------------------
 FINAL_NAME = "classifier_free_model_final.pt"
 LAST_NAME = "classifier_free_model_last.pt"
-SCHEDULE = {"T": 1000, "kind": "linear"}  # the DDPM paper's linear noise schedule, as in src.py
+SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # the DDPM paper's linear noise schedule, as in src.py
 NULL_CLASS = 10  # the label that means "no label": index 10 of the class embedding
 SAMPLERS = {"ddim": (False, 0.0), "ddpm": (False, 1.0),  # name: (second order?, η); see sample_ddim.py
             "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0)}

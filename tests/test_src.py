@@ -29,13 +29,13 @@ def test_schedule_tensors_agree_with_each_other(kind):
 
 
 def test_linear_schedule_is_the_ddpm_papers_and_old_checkpoints_still_get_it():
-    s = src.ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02)  # the schedule of a checkpoint saved before "kind"
+    s = src.ddpm_schedule(**src.SCHEDULE)  # the default, saved as before the cosine option existed
     assert s["beta"][0].item() == pytest.approx(1e-4) and s["beta"][-1].item() == pytest.approx(0.02)
     assert torch.all(s["alpha_bar"][1:] < s["alpha_bar"][:-1])
 
 
 def test_cosine_schedule_follows_the_cosine_and_ends_where_the_linear_one_does():
-    cosine, linear = src.ddpm_schedule(T=1000, kind="cosine"), src.ddpm_schedule(**src.SCHEDULE)
+    cosine, linear = src.ddpm_schedule(**src.COSINE_SCHEDULE), src.ddpm_schedule(**src.SCHEDULE)
     f = [np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2 for t in (0, 500)]
     assert cosine["alpha_bar"][499].item() == pytest.approx(f[1] / f[0], rel=1e-4)  # paper t = 500, index 499
     assert cosine["alpha_bar"][-1].item() == pytest.approx(linear["alpha_bar"][-1].item(), rel=1e-4)  # the floor
@@ -101,7 +101,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert not list(out.glob("*.tmp"))
     ckpt = torch.load(out / "diffusion_model_final.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 10 * (256 // 16) and ckpt["epoch"] == 10
-    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == {"T": 1000, "kind": "linear"}
+    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.SCHEDULE
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
@@ -114,7 +114,7 @@ def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
               "--base-channels", "8", "--num-samples", "1", "--schedule", "cosine"]
     src.main(common + ["--epochs", "1"])
     first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
-    assert first["step"] == 4 and len(first["losses"]) == 4 and first["config"]["schedule"]["kind"] == "cosine"
+    assert first["step"] == 4 and len(first["losses"]) == 4 and first["config"]["schedule"] == src.COSINE_SCHEDULE
     src.main(common + ["--epochs", "3", "--resume"])
     resumed = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert resumed["step"] == 12 and resumed["losses"][:4] == first["losses"]
