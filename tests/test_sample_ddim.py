@@ -106,7 +106,6 @@ def test_cli_writes_grids_npz_and_timing(tiny_checkpoint, tiny_mnist, tmp_path, 
     assert "speed-up vs DDPM-1000" in out and "DDIM inversion" in out
 
 
-
 def test_a_cosine_checkpoint_is_sampled_on_its_own_schedule(tiny_checkpoint, tmp_path, monkeypatch):
     ckpt = torch.load(tiny_checkpoint / "diffusion_model_final.pt", weights_only=True)
     ckpt["config"]["schedule"] = {"T": 1000, "kind": "cosine"}  # as `src.py --schedule cosine` saves it
@@ -116,6 +115,7 @@ def test_a_cosine_checkpoint_is_sampled_on_its_own_schedule(tiny_checkpoint, tmp
     sample_ddim.main(["--checkpoint", str(tmp_path / "cosine.pt"), "--steps", "5", "--num-samples", "2",
                       "--no-ddpm", "--no-inversion", "--out-dir", str(tmp_path)])
     assert built == [{"kind": "cosine"}] and (tmp_path / "ddim_samples_5_steps.png").is_file()
+
 
 bad = partial(one_line_error, sample_ddim.main)
 
