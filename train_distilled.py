@@ -217,7 +217,7 @@ class SelfAttention(nn.Module):
 class UNet(nn.Module):
     """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
 
-    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False):
         super().__init__()
         widths = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
@@ -243,8 +243,10 @@ class UNet(nn.Module):
             self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
             ch = widths[i]
             first = i == 0
-            self.upsamples.append(nn.Identity() if first else nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+            # Doubling the size: a nearest-neighbour upsample and a 3x3 conv. Conv first (the default since the
+            # third recipe round) runs it at the low resolution: a quarter of its FLOPs, ~17% more steps a minute.
+            up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+            self.upsamples.append(nn.Identity() if first else nn.Sequential(*(up[::-1] if conv_first else up)))
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
@@ -266,7 +268,9 @@ class UNet(nn.Module):
 
 
 def build_model(config):
-    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+    # Checkpoints made before "upsample" was saved lack it: they upsample, then convolve.
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"],
+                config.get("upsample") == "conv-first")
 
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):

@@ -63,6 +63,22 @@ def test_unet_keeps_the_image_shape(base, attention):
     assert model(x, torch.tensor([0, 500, 999])).shape == x.shape
 
 
+def test_conv_first_convolves_at_the_low_resolution_and_old_checkpoints_keep_the_original_order():
+    seen = {}
+    for conv_first in (False, True):
+        model = src.UNet(8, conv_first=conv_first)
+        conv = [m for m in model.upsamples[0] if isinstance(m, torch.nn.Conv2d)][0]
+        conv.register_forward_hook(lambda m, inp, out, k=conv_first: seen.update({k: inp[0].shape[-1]}))
+        model(torch.randn(1, 1, 28, 28), torch.tensor([5]))
+    assert seen == {False: 14, True: 7}  # the first upsample doubles 7x7 to 14x14: its conv runs at 7x7 or 14x14
+    config = {"base_channels": 8, "channel_mults": [1, 2, 4], "attention": True, "schedule": src.SCHEDULE}
+    old = src.UNet(8)  # a checkpoint saved before the "upsample" key existed
+    rebuilt = src.model_from_checkpoint({"config": config, "ema": old.state_dict()}, "old.pt")
+    assert [type(m) for m in rebuilt.upsamples[0]] == [torch.nn.Upsample, torch.nn.Conv2d]
+    new = src.build_model({**config, "upsample": "conv-first"})
+    assert [type(m) for m in new.upsamples[0]] == [torch.nn.Conv2d, torch.nn.Upsample]
+
+
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = src.UNet(8)
@@ -101,7 +117,8 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert not list(out.glob("*.tmp"))
     ckpt = torch.load(out / "diffusion_model_final.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 10 * (256 // 16) and ckpt["epoch"] == 10
-    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.SCHEDULE
+    assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.COSINE_SCHEDULE
+    assert ckpt["config"]["upsample"] == "conv-first"  # the defaults, saved so every chapter rebuilds this UNet
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
@@ -111,10 +128,13 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
 
 def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
     common = ["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "64",
-              "--base-channels", "8", "--num-samples", "1", "--schedule", "cosine"]
+              "--base-channels", "8", "--num-samples", "1", "--schedule", "linear", "--upsample", "upsample-first"]
     src.main(common + ["--epochs", "1"])
     first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
-    assert first["step"] == 4 and len(first["losses"]) == 4 and first["config"]["schedule"] == src.COSINE_SCHEDULE
+    assert first["step"] == 4 and len(first["losses"]) == 4
+    # the first recipe's flags save the config exactly as runs made before those flags existed: they resume
+    assert first["config"] == {"base_channels": 8, "channel_mults": [1, 2, 4], "attention": True,
+                               "schedule": src.SCHEDULE}
     src.main(common + ["--epochs", "3", "--resume"])
     resumed = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert resumed["step"] == 12 and resumed["losses"][:4] == first["losses"]
@@ -138,6 +158,18 @@ def test_sample_only_reloads_the_final_checkpoint(tiny_checkpoint, tmp_path):
     assert np.load(tmp_path / "again.npz")["images"].shape == (3, 28, 28)
 
 
+@pytest.mark.parametrize("width,recipe", [
+    ("16", (8e-3, src.COSINE_SCHEDULE, "conv-first")),  # the CPU width: the ten-minute recipe
+    ("64", (2e-3, src.SCHEDULE, None))])  # the GPU width: the recipe its runs were measured with
+def test_the_default_recipe_depends_on_the_width(width, recipe, tiny_mnist, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(src, "train", lambda args, config, *_: seen.append(
+        (args.lr, config["schedule"], config.get("upsample"))) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", width])
+    assert seen == [recipe]
+
+
 def test_cli_end_to_end_in_a_subprocess(tiny_mnist, tmp_path):
     """What a learner types, with --minutes as the stop: trains, saves, samples, exits 0."""
     result = subprocess.run([sys.executable, "src.py", "--data-root", tiny_mnist, "--out-dir", str(tmp_path),
@@ -152,7 +184,7 @@ def test_help_explains_every_flag():
     result = subprocess.run([sys.executable, "src.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for flag in ["--data-root", "--out-dir", "--epochs", "--minutes", "--batch-size", "--lr", "--seed", "--device",
-                 "--resume", "--num-samples", "--save-npz"]:
+                 "--resume", "--num-samples", "--save-npz", "--schedule", "--upsample"]:
         assert flag in result.stdout
 
 
