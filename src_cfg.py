@@ -269,8 +269,8 @@ class UNet(nn.Module):
             self.up_blocks.append(ResBlock(ch + widths[i], widths[i], emb_dim))
             ch = widths[i]
             first = i == 0
-            # Doubling the size: a nearest-neighbour upsample and a 3x3 conv. Conv first (the default since the
-            # third recipe round) runs it at the low resolution: a quarter of its FLOPs, ~17% more steps a minute.
+            # Doubling the size: a nearest-neighbour upsample and a 3x3 conv. Conv first (src.py's default on the
+            # CPU) runs the conv at the low resolution, for a quarter of its FLOPs; the original order after it.
             up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
             self.upsamples.append(nn.Identity() if first else nn.Sequential(*(up[::-1] if conv_first else up)))
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))

@@ -132,7 +132,7 @@ def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
     src.main(common + ["--epochs", "1"])
     first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert first["step"] == 4 and len(first["losses"]) == 4
-    # the first recipe's flags save the config exactly as runs made before those flags existed: they resume
+    # with these two flags the config is saved exactly as before they existed, so such runs still resume
     assert first["config"] == {"base_channels": 8, "channel_mults": [1, 2, 4], "attention": True,
                                "schedule": src.SCHEDULE}
     src.main(common + ["--epochs", "3", "--resume"])
