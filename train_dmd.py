@@ -385,10 +385,14 @@ def q_sample(x0, t, noise, sched):
     return signal_rate * x0 + noise_rate * noise
 
 
-def diffusion_loss(model, x0, sched, min_snr_gamma=5.0):
-    """DDPM Algorithm 1, one step: noise x_0 to a random t, ask the model which noise was added."""
+def diffusion_loss(model, x0, sched, min_snr_gamma=5.0, t_probs=None):
+    """DDPM Algorithm 1, one step: noise x_0 to a random t, ask the model which noise was added.
+    t_probs (src.py's timestep_probs) draws some t more often; None draws them uniformly, as the paper does."""
     T = sched["alpha_bar"].shape[0]
-    t = torch.randint(0, T, (x0.shape[0],), device=x0.device)  # t ~ Uniform({1, ..., T})
+    if t_probs is None:
+        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)  # t ~ Uniform({1, ..., T})
+    else:
+        t = torch.multinomial(t_probs, x0.shape[0], replacement=True)  # t ~ t_probs
     noise = torch.randn_like(x0)  # ε ~ N(0, I)
     x_t = q_sample(x0, t, noise, sched)
     pred_noise = model(x_t, t)

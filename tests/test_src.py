@@ -1,4 +1,5 @@
 """Chapter 1 (src.py): schedule maths, UNet, training step, checkpoints, the CLI end to end, bad input."""
+import math
 import os
 import subprocess
 import sys
@@ -93,6 +94,32 @@ def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     assert after < 0.9 * before
 
 
+@pytest.mark.parametrize("schedule", [src.SCHEDULE, src.COSINE_SCHEDULE])
+def test_timestep_probs_are_uniform_at_shift_0_and_tilt_toward_noise(schedule):
+    alpha_bar = src.ddpm_schedule(**schedule)["alpha_bar"]
+    assert torch.allclose(src.timestep_probs(alpha_bar, 0.0), torch.full((1000,), 1e-3))
+    p = src.timestep_probs(alpha_bar, 1.0)
+    assert abs(p.sum().item() - 1) < 1e-5
+    assert (p[1:] >= p[:-1] * (1 - 1e-6)).all()  # the noisier the level, the more often it is drawn
+    assert 2.0 < (p[-1] / p[0]).item() < math.e + 1e-3  # a gentle tilt, bounded by e^(shift)
+    if schedule is src.COSINE_SCHEDULE:  # half the draws now land above t ≈ 650 (uniform: 500)
+        assert 600 < torch.searchsorted(p.cumsum(0), torch.tensor(0.5)).item() < 700
+
+
+def test_diffusion_loss_draws_t_from_t_probs():
+    s = src.ddpm_schedule(**src.COSINE_SCHEDULE)
+    seen = []
+
+    def spy(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+    probs = torch.zeros(1000)
+    probs[[10, 900]] = 0.5
+    src.diffusion_loss(spy, torch.zeros(64, 1, 28, 28), s, t_probs=probs)
+    src.diffusion_loss(spy, torch.zeros(64, 1, 28, 28), s)  # None: uniform over all T
+    assert set(seen[0].tolist()) == {10, 900} and len(set(seen[1].tolist())) > 40
+
+
 def test_ddpm_sampler_step_is_algorithm_2():
     """With a model that always predicts ε=0 and a one-step schedule check: x_{t-1} = x_t/√α_t + σ_t z."""
     s = src.ddpm_schedule(T=3, beta_1=1e-4, beta_T=0.02)
@@ -120,6 +147,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.COSINE_SCHEDULE
     assert ckpt["config"]["upsample"] == "conv-first"  # the defaults, saved so every chapter rebuilds this UNet
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
+    assert ckpt["recipe"]["noise_shift"] == 0.0  # uniform t unless --noise-shift asks otherwise
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
     samples = np.load(out / "samples.npz")["images"]
@@ -184,7 +212,7 @@ def test_help_explains_every_flag():
     result = subprocess.run([sys.executable, "src.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for flag in ["--data-root", "--out-dir", "--epochs", "--minutes", "--batch-size", "--lr", "--seed", "--device",
-                 "--resume", "--num-samples", "--save-npz", "--schedule", "--upsample"]:
+                 "--resume", "--num-samples", "--save-npz", "--schedule", "--upsample", "--noise-shift"]:
         assert flag in result.stdout
 
 
@@ -227,6 +255,23 @@ def test_resume_with_another_architecture(tiny_checkpoint, tiny_mnist, tmp_path)
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "diffusion_model_final.pt").write_bytes(b"not a checkpoint")
     assert "not a readable checkpoint" in run_main(["--out-dir", str(tmp_path), "--sample-only"])
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_noise_shift_reaches_the_loss(shift, tiny_mnist, tmp_path, monkeypatch):
+    seen = []
+
+    def record_and_stop(model, x0, sched, min_snr_gamma, t_probs):
+        seen.append(t_probs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(src, "diffusion_loss", record_and_stop)
+    with pytest.raises(SystemExit):
+        src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "32", "--base-channels", "8",
+                  "--noise-shift", str(shift)])
+    if shift:
+        assert torch.allclose(seen[0], src.timestep_probs(src.ddpm_schedule(**src.COSINE_SCHEDULE)["alpha_bar"], 1.0))
+    else:
+        assert seen == [None]  # uniform t, exactly as before the flag existed
 
 
 def test_checkpoint_of_another_kind(tmp_path):
