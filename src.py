@@ -64,14 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per training (and sampling) step")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="peak AdamW learning rate. Default: 8e-3 for the CPU width 16, 2e-3 for wider UNets")
-    p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear learning-rate warm-up. Default: 500 for the CPU width 16, 200 for wider UNets")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights, used for sampling")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss)")
-    p.add_argument("--noise-shift", type=float, default=0.0,
+    p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
-                        "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). 1 trains better in ten minutes "
-                        "but can blow up early at the CPU's lr 8e-3 (RESULTS.md)")
+                        "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16, "
+                        "0 for wider UNets")
     p.add_argument("--base-channels", type=positive_int, default=None,
                    help="UNet width at 28x28 (doubles, then quadruples, lower down). "
                         "Default: 16 on CPU (fast), 64 on a GPU (best quality)")
@@ -616,10 +617,14 @@ def main(argv=None):
 
     base_channels = args.base_channels or (16 if device.type == "cpu" else 64)
     # The recipe sprint (RESULTS.md) found what the narrow CPU UNet learns most from in ten minutes: a bold
-    # learning rate, the cosine schedule, the upsampling convs at the low resolution. Over 20 epochs the linear
-    # schedule catches up, so wider UNets (GPU runs) keep the recipe their runs were measured with.
+    # learning rate, the cosine schedule, the upsampling convs at the low resolution, and noisier levels drawn
+    # more often - with a longer warm-up, without which that pair can blow up in the first few hundred steps.
+    # Over 20 epochs the linear schedule catches up, so wider UNets (GPU runs) keep the recipe they were measured
+    # with.
     narrow = base_channels <= 16
     args.lr = args.lr or (8e-3 if narrow else 2e-3)
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (500 if narrow else 200)
+    args.noise_shift = args.noise_shift if args.noise_shift is not None else (1.0 if narrow else 0.0)
     args.schedule = args.schedule or ("cosine" if narrow else "linear")
     args.upsample = args.upsample or ("conv-first" if narrow else "upsample-first")
     config = {"base_channels": base_channels, "channel_mults": [1, 2, 4], "attention": not args.no_attention,

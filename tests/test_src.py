@@ -147,7 +147,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.COSINE_SCHEDULE
     assert ckpt["config"]["upsample"] == "conv-first"  # the defaults, saved so every chapter rebuilds this UNet
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
-    assert ckpt["recipe"]["noise_shift"] == 0.0  # uniform t unless --noise-shift asks otherwise
+    assert ckpt["recipe"]["noise_shift"] == 0.0 and ckpt["recipe"]["warmup_steps"] == 200  # as the fixture asked
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
     samples = np.load(out / "samples.npz")["images"]
@@ -187,12 +187,12 @@ def test_sample_only_reloads_the_final_checkpoint(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("width,recipe", [
-    ("16", (8e-3, src.COSINE_SCHEDULE, "conv-first")),  # the CPU width: the ten-minute recipe
-    ("64", (2e-3, src.SCHEDULE, None))])  # the GPU width: the recipe its runs were measured with
+    ("16", (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first")),  # the CPU width: the ten-minute recipe
+    ("64", (2e-3, 200, 0.0, src.SCHEDULE, None))])  # the GPU width: the recipe its runs were measured with
 def test_the_default_recipe_depends_on_the_width(width, recipe, tiny_mnist, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(src, "train", lambda args, config, *_: seen.append(
-        (args.lr, config["schedule"], config.get("upsample"))) or sys.exit(0))
+        (args.lr, args.warmup_steps, args.noise_shift, config["schedule"], config.get("upsample"))) or sys.exit(0))
     with pytest.raises(SystemExit):
         src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", width])
     assert seen == [recipe]
