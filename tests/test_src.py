@@ -212,7 +212,8 @@ def test_help_explains_every_flag():
     result = subprocess.run([sys.executable, "src.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for flag in ["--data-root", "--out-dir", "--epochs", "--minutes", "--batch-size", "--lr", "--seed", "--device",
-                 "--resume", "--num-samples", "--save-npz", "--schedule", "--upsample", "--noise-shift"]:
+                 "--resume", "--num-samples", "--save-npz", "--schedule", "--upsample", "--noise-shift",
+                 "--warmup-steps"]:
         assert flag in result.stdout
 
 
