@@ -414,6 +414,11 @@ def resume(args, config, model, ema, optimizer, device):
     ema.model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']})")
+    # The training recipe comes from this run's flags, as in nanoGPT: say so where it differs from the checkpoint's.
+    for key, value in ckpt.get("recipe", {}).items():
+        if getattr(args, key) != value:
+            print(f"note: continuing with {key} = {getattr(args, key)}; the checkpoint was trained with {value} "
+                  f"(pass --{key.replace('_', '-')} {value} to keep it)")
     return ckpt["step"], list(ckpt["losses"]), list(ckpt.get("previews", []))
 
 

@@ -154,10 +154,10 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert samples.shape == (4, 28, 28) and samples.dtype == np.uint8
 
 
-def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
+def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path, capsys):
     common = ["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "64",
               "--base-channels", "8", "--num-samples", "1", "--schedule", "linear", "--upsample", "upsample-first"]
-    src.main(common + ["--epochs", "1"])
+    src.main(common + ["--epochs", "1", "--lr", "4e-3"])
     first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert first["step"] == 4 and len(first["losses"]) == 4
     # with these two flags the config is saved exactly as before they existed, so such runs still resume
@@ -166,6 +166,10 @@ def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path):
     src.main(common + ["--epochs", "3", "--resume"])
     resumed = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert resumed["step"] == 12 and resumed["losses"][:4] == first["losses"]
+    # resumed without --lr: the width's default rate, and one line says the checkpoint was trained with another
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: continuing with lr = 0.008; the checkpoint was trained with 0.004 (pass --lr 0.004 to "
+                     "keep it)"] and resumed["recipe"]["lr"] == 0.008
 
 
 def test_a_preview_after_every_epoch_shows_digits_emerging(tiny_checkpoint):
