@@ -415,10 +415,10 @@ def resume(args, config, model, ema, optimizer, device):
     optimizer.load_state_dict(ckpt["optimizer"])
     print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']})")
     # The training recipe comes from this run's flags, as in nanoGPT: say so where it differs from the checkpoint's.
-    for key, value in ckpt.get("recipe", {}).items():
-        if getattr(args, key) != value:
-            print(f"note: continuing with {key} = {getattr(args, key)}; the checkpoint was trained with {value} "
-                  f"(pass --{key.replace('_', '-')} {value} to keep it)")
+    for key, trained in ckpt.get("recipe", {}).items():
+        if getattr(args, key) != trained:
+            print(f"note: continuing with {key} = {getattr(args, key)}; the checkpoint was trained with {trained} "
+                  f"(pass --{key.replace('_', '-')} {trained} to keep it)")
     return ckpt["step"], list(ckpt["losses"]), list(ckpt.get("previews", []))
 
 
