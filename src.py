@@ -65,14 +65,15 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=None,
                    help="peak AdamW learning rate. Default: 8e-3 for the CPU width 16, 2e-3 for wider UNets")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear learning-rate warm-up. Default: 500 for the CPU width 16, 200 for wider UNets")
+                   help="linear learning-rate warm-up. Default: 500 for the CPU width 16 on the cosine schedule (it "
+                        "goes with the noise shift), 200 otherwise")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights, used for sampling")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss)")
     p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
-                        "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16, "
-                        "0 for wider UNets")
+                        "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16 "
+                        "on the cosine schedule, 0 otherwise")
     p.add_argument("--base-channels", type=positive_int, default=None,
                    help="UNet width at 28x28 (doubles, then quadruples, lower down). "
                         "Default: 16 on CPU (fast), 64 on a GPU (best quality)")
@@ -628,9 +629,10 @@ def main(argv=None):
     # with.
     narrow = base_channels <= 16
     args.lr = args.lr or (8e-3 if narrow else 2e-3)
-    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (500 if narrow else 200)
-    args.noise_shift = args.noise_shift if args.noise_shift is not None else (1.0 if narrow else 0.0)
     args.schedule = args.schedule or ("cosine" if narrow else "linear")
+    shifted = narrow and args.schedule == "cosine"  # the shift's rule (timestep_probs) is derived for cosine only
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (500 if shifted else 200)
+    args.noise_shift = args.noise_shift if args.noise_shift is not None else (1.0 if shifted else 0.0)
     args.upsample = args.upsample or ("conv-first" if narrow else "upsample-first")
     config = {"base_channels": base_channels, "channel_mults": [1, 2, 4], "attention": not args.no_attention,
               "schedule": COSINE_SCHEDULE if args.schedule == "cosine" else SCHEDULE}
