@@ -423,10 +423,11 @@ class EMA:
 
 
 def learning_rate(args, step, progress):
-    """Linear warm-up, then cosine decay to 5% of the peak as training `progress` goes 0 -> 1."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    """Linear warm-up and a cosine decay to 5% of the peak as training `progress` goes 0 -> 1, whichever is lower:
+    on a run only a few times longer than its warm-up, the ramp hands over to the decay where they cross, no jump."""
+    warmup = (step + 1) / args.warmup_steps if step < args.warmup_steps else 1.0
+    decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return args.lr * min(warmup, decay)
 
 
 def save_atomic(obj, path):

@@ -76,6 +76,6 @@ def tiny_checkpoint(tiny_mnist, tmp_path_factory):
     import src
     out = tmp_path_factory.mktemp("src_run")
     src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "10", "--batch-size", "16", "--lr", "5e-3",
-              "--warmup-steps", "200", "--noise-shift", "0",  # the tiny model's recipe, pinned: tests rely on it
+              "--warmup-steps", "50", "--noise-shift", "0",  # the tiny model's recipe, pinned: tests rely on it
               "--base-channels", "8", "--num-samples", "4", "--save-npz", str(out / "samples.npz")])
     return out

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,6 +121,14 @@ def test_diffusion_loss_draws_t_from_t_probs():
     assert set(seen[0].tolist()) == {10, 900} and len(set(seen[1].tolist())) > 40
 
 
+@pytest.mark.parametrize("total_steps", [936, 9360])  # a slow CPU's ten minutes; 20 epochs
+def test_learning_rate_ramps_then_decays_without_a_jump(total_steps):
+    args = SimpleNamespace(lr=8e-3, warmup_steps=500)
+    rates = [src.learning_rate(args, s, s / total_steps) for s in range(total_steps)]
+    assert rates[0] == args.lr / args.warmup_steps and rates[-1] < 0.06 * args.lr
+    assert max(abs(b - a) for a, b in zip(rates, rates[1:])) < 1.001 * args.lr / args.warmup_steps  # no jumps
+    assert max(rates) > (0.99 if total_steps > 5000 else 0.5) * args.lr  # a long run reaches its peak rate
+
 def test_ddpm_sampler_step_is_algorithm_2():
     """With a model that always predicts ε=0 and a one-step schedule check: x_{t-1} = x_t/√α_t + σ_t z."""
     s = src.ddpm_schedule(T=3, beta_1=1e-4, beta_T=0.02)
@@ -147,7 +156,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.COSINE_SCHEDULE
     assert ckpt["config"]["upsample"] == "conv-first"  # the defaults, saved so every chapter rebuilds this UNet
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
-    assert ckpt["recipe"]["noise_shift"] == 0.0 and ckpt["recipe"]["warmup_steps"] == 200  # as the fixture asked
+    assert ckpt["recipe"]["noise_shift"] == 0.0 and ckpt["recipe"]["warmup_steps"] == 50  # as the fixture asked
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
     samples = np.load(out / "samples.npz")["images"]
