@@ -129,6 +129,7 @@ def test_learning_rate_ramps_then_decays_without_a_jump(total_steps):
     assert max(abs(b - a) for a, b in zip(rates, rates[1:])) < 1.001 * args.lr / args.warmup_steps  # no jumps
     assert max(rates) > (0.99 if total_steps > 5000 else 0.5) * args.lr  # a long run reaches its peak rate
 
+
 def test_ddpm_sampler_step_is_algorithm_2():
     """With a model that always predicts ε=0 and a one-step schedule check: x_{t-1} = x_t/√α_t + σ_t z."""
     s = src.ddpm_schedule(T=3, beta_1=1e-4, beta_T=0.02)
