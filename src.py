@@ -46,6 +46,7 @@ FINAL_NAME = "diffusion_model_final.pt"
 LAST_NAME = "diffusion_model_last.pt"
 COSINE_SCHEDULE = {"T": 1000, "kind": "cosine"}  # the CPU default: Improved DDPM's (notes/1-ddpm.md)
 SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # --schedule linear: the DDPM paper's (Sec. 4)
+SIGMA_DATA = 0.5  # --precondition edm: the data's std EDM's scaling assumes (their value; MNIST's pixels: ~0.62)
 RECIPE_KEYS = ["lr", "batch_size", "warmup_steps", "ema_decay", "min_snr_gamma", "noise_shift"]  # into checkpoints
 PREVIEW_DIGITS, PREVIEW_STEPS = 16, 50  # the per-epoch preview grid: how many digits, how many sampling steps
 
@@ -69,7 +70,12 @@ def parse_args(argv=None):
                         "goes with the noise shift), 200 otherwise")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights, used for sampling")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
-                   help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss)")
+                   help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss). Not used "
+                        "with --precondition edm, which brings its own weighting")
+    p.add_argument("--precondition", choices=["none", "edm"], default="none",
+                   help="edm: Karras et al. 2022's input/output scaling and loss weight around the same UNet; it "
+                        "still returns ε to every sampler. Saved in the checkpoint (sigma_data); the distillation "
+                        "chapters do not take such a teacher yet")
     p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
                         "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16 "
@@ -250,13 +256,19 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections.
+    With sigma_data (src.py --precondition edm) it still returns ε, but its layers work on EDM's scaled input and
+    output instead (see forward); alpha_bar is then the schedule's ᾱ_t, which the scaling needs."""
 
-    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False):
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False,
+                 sigma_data=None, alpha_bar=None):
         super().__init__()
         widths = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.base_channels = base_channels
+        self.sigma_data = sigma_data
+        if sigma_data is not None:  # rebuilt from the checkpoint's config, so not saved with the weights
+            self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
         # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
@@ -285,7 +297,18 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)))
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.sigma_data is None:
+            return self.trunk(x, emb)  # the layers' output is ε itself
+        # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
+        # x = x_t/√ᾱ = x_0 + σε with σ² = (1-ᾱ)/ᾱ, the denoiser is D(x) = c_skip·x + c_out·F(c_in·x), with
+        # c_in = 1/√(σ² + σ_data²), c_skip = σ_data²/(σ² + σ_data²), c_out = σ·σ_data/√(σ² + σ_data²).
+        alpha_bar = self.alpha_bar[t].view(-1, 1, 1, 1)
+        scale = (1 - alpha_bar + self.sigma_data ** 2 * alpha_bar).sqrt()  # x_t's std if the digits' std were σ_data
+        out = self.trunk(x / scale, emb)  # c_in·x = x_t/scale: the layers always see unit-variance input
+        # ε = (x - D)/σ, rewritten in x_t. The layers' target is -ε where x_t is nearly clean and x_0/σ_data where it
+        # is nearly all noise, so their errors are never magnified by 1/√ᾱ as ε-prediction's are on the way to x_0.
+        return ((1 - alpha_bar).sqrt() * x / scale - self.sigma_data * alpha_bar.sqrt() * out) / scale
 
     def trunk(self, x, emb):
         """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""
@@ -303,9 +326,12 @@ class UNet(nn.Module):
 
 
 def build_model(config):
-    # Checkpoints made before "upsample" was saved lack it: they upsample, then convolve.
+    # Checkpoints made before "upsample" was saved lack it: they upsample, then convolve. Without "sigma_data" the
+    # layers predict ε directly (no preconditioning).
+    sigma_data = config.get("sigma_data")
+    alpha_bar = ddpm_schedule(**config["schedule"])["alpha_bar"] if sigma_data is not None else None
     return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"],
-                config.get("upsample") == "conv-first")
+                config.get("upsample") == "conv-first", sigma_data, alpha_bar)
 
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
@@ -364,7 +390,13 @@ def diffusion_loss(model, x0, sched, min_snr_gamma=5.0, t_probs=None):
     x_t = q_sample(x0, t, noise, sched)
     pred_noise = model(x_t, t)
     per_sample = (pred_noise.float() - noise).pow(2).mean(dim=(1, 2, 3))  # ‖ε - ε_θ(x_t, t)‖²
-    if min_snr_gamma > 0:
+    sigma_data = getattr(model, "sigma_data", None)  # set on src.py's UNet by --precondition edm
+    if sigma_data is not None:
+        # EDM's weighting λ = 1/c_out² (their Sec. 5 and Table 1): every noise level's error counts alike in the
+        # layers' own output. On ε's error that is this weight; it takes Min-SNR's place.
+        snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
+        per_sample = per_sample * (1 + 1 / (sigma_data ** 2 * snr))
+    elif min_snr_gamma > 0:
         # Min-SNR weighting: nearly-clean steps (huge signal-to-noise ratio) are easy and their gradients
         # fight the useful noisy steps; capping their weight at γ/SNR makes training converge much faster.
         snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
@@ -639,6 +671,8 @@ def main(argv=None):
               "schedule": COSINE_SCHEDULE if args.schedule == "cosine" else SCHEDULE}
     if args.upsample == "conv-first":  # the original order is saved as before (no key), so old runs resume
         config["upsample"] = "conv-first"
+    if args.precondition == "edm":  # likewise: no key means the layers predict ε directly
+        config["sigma_data"] = SIGMA_DATA
     # Ctrl-C in the middle of a step raises KeyboardInterrupt; train() catches it and saves.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ema_model, losses, previews = train(args, config, device, bf16)

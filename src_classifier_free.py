@@ -262,13 +262,19 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections."""
+    """ε_θ(x_t, t): predicts the noise in x_t. 28x28 -> 14x14 -> 7x7 and back, with skip connections.
+    With sigma_data (src.py --precondition edm) it still returns ε, but its layers work on EDM's scaled input and
+    output instead (see forward); alpha_bar is then the schedule's ᾱ_t, which the scaling needs."""
 
-    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False):
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False,
+                 sigma_data=None, alpha_bar=None):
         super().__init__()
         widths = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.base_channels = base_channels
+        self.sigma_data = sigma_data
+        if sigma_data is not None:  # rebuilt from the checkpoint's config, so not saved with the weights
+            self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(1, base_channels, 3, padding=1)
         # Down path: one ResBlock per level, then a strided conv halves the size (not after the last level).
@@ -297,7 +303,18 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)))
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.sigma_data is None:
+            return self.trunk(x, emb)  # the layers' output is ε itself
+        # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
+        # x = x_t/√ᾱ = x_0 + σε with σ² = (1-ᾱ)/ᾱ, the denoiser is D(x) = c_skip·x + c_out·F(c_in·x), with
+        # c_in = 1/√(σ² + σ_data²), c_skip = σ_data²/(σ² + σ_data²), c_out = σ·σ_data/√(σ² + σ_data²).
+        alpha_bar = self.alpha_bar[t].view(-1, 1, 1, 1)
+        scale = (1 - alpha_bar + self.sigma_data ** 2 * alpha_bar).sqrt()  # x_t's std if the digits' std were σ_data
+        out = self.trunk(x / scale, emb)  # c_in·x = x_t/scale: the layers always see unit-variance input
+        # ε = (x - D)/σ, rewritten in x_t. The layers' target is -ε where x_t is nearly clean and x_0/σ_data where it
+        # is nearly all noise, so their errors are never magnified by 1/√ᾱ as ε-prediction's are on the way to x_0.
+        return ((1 - alpha_bar).sqrt() * x / scale - self.sigma_data * alpha_bar.sqrt() * out) / scale
 
     def trunk(self, x, emb):
         """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""

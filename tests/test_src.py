@@ -81,6 +81,55 @@ def test_conv_first_convolves_at_the_low_resolution_and_old_checkpoints_keep_the
     assert [type(m) for m in new.upsamples[0]] == [torch.nn.Conv2d, torch.nn.Upsample]
 
 
+EDM_CONFIG = {"base_channels": 8, "channel_mults": [1, 2, 4], "attention": True, "schedule": src.COSINE_SCHEDULE,
+              "sigma_data": 0.5}
+
+
+def edm_pair():
+    """A preconditioned UNet and a plain one with the same weights: the plain one's output is the layers' own."""
+    torch.manual_seed(0)
+    model = src.build_model(EDM_CONFIG)
+    plain = src.build_model({k: v for k, v in EDM_CONFIG.items() if k != "sigma_data"})
+    plain.load_state_dict(model.state_dict())  # ᾱ is not among the saved weights
+    return model, plain
+
+
+def edm_variables(t):
+    """EDM's own quantities at timestep t (Karras et al. 2022, Table 1), in float64: x = x_t/√ᾱ = x_0 + σε."""
+    alpha_bar = src.ddpm_schedule(**src.COSINE_SCHEDULE)["alpha_bar"][t].view(-1, 1, 1, 1).double()
+    sigma, sd = ((1 - alpha_bar) / alpha_bar).sqrt(), EDM_CONFIG["sigma_data"]
+    c_in, c_skip = 1 / (sigma ** 2 + sd ** 2).sqrt(), sd ** 2 / (sigma ** 2 + sd ** 2)
+    return alpha_bar, sigma, c_in, c_skip, sigma * sd / (sigma ** 2 + sd ** 2).sqrt()  # the last: c_out
+
+
+def test_edm_preconditioning_returns_the_noise_whose_x0_is_edms_denoiser():
+    model, plain = edm_pair()
+    x_t, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 300, 700, 999])
+    alpha_bar, sigma, c_in, c_skip, c_out = edm_variables(t)
+    x = x_t.double() / alpha_bar.sqrt()
+    denoised = c_skip * x + c_out * plain((c_in * x).float(), t).double()  # D = c_skip x + c_out F(c_in x)
+    pred_x0 = (x_t - (1 - alpha_bar).sqrt() * model(x_t, t).double()) / alpha_bar.sqrt()  # what every sampler does
+    assert torch.allclose(pred_x0, denoised, atol=1e-3)  # float32 ε, divided by √ᾱ down to 0.006
+    assert not torch.allclose(model(x_t, t), plain(x_t, t), atol=1e-2)
+
+
+def test_edm_loss_weighs_every_level_alike_in_the_layers_output():
+    model, plain = edm_pair()
+    sched, x0 = src.ddpm_schedule(**src.COSINE_SCHEDULE), torch.rand(8, 1, 28, 28) * 2 - 1
+    probs = torch.zeros(1000)
+    probs[[20, 500, 990]] = 1 / 3
+    torch.manual_seed(3)
+    loss = src.diffusion_loss(model, x0, sched, t_probs=probs)  # Min-SNR's default γ is passed, and not used
+    torch.manual_seed(3)  # the same draws of t and ε, in the same order
+    t = torch.multinomial(probs, 8, replacement=True)
+    noise = torch.randn_like(x0)
+    alpha_bar, sigma, c_in, c_skip, c_out = edm_variables(t)
+    x = x0.double() + sigma * noise
+    target = (x0 - c_skip * x) / c_out  # EDM's effective target for the layers, weight 1 at every σ
+    expected = (plain((c_in * x).float(), t).double() - target).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
+
+
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = src.UNet(8)
@@ -162,6 +211,25 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert torch.equal(model.state_dict()["stem.weight"], ckpt["ema"]["stem.weight"])
     samples = np.load(out / "samples.npz")["images"]
     assert samples.shape == (4, 28, 28) and samples.dtype == np.uint8
+
+
+def test_precondition_edm_is_saved_sampled_by_chapter_3_and_refused_by_distillation(tiny_mnist, tmp_path):
+    import sample_ddim
+    import train_distilled
+    import train_dmd
+    import train_progressive
+    src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", "--batch-size", "64",
+              "--base-channels", "8", "--num-samples", "1", "--precondition", "edm"])
+    path = tmp_path / "diffusion_model_final.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["sigma_data"] == src.SIGMA_DATA and "alpha_bar" not in ckpt["ema"]
+    assert sample_ddim.model_from_checkpoint(ckpt, str(path)).sigma_data == src.SIGMA_DATA
+    sample_ddim.main(["--checkpoint", str(path), "--steps", "5", "--num-samples", "2", "--no-ddpm", "--no-inversion",
+                      "--out-dir", str(tmp_path)])
+    assert (tmp_path / "ddim_samples_5_steps.png").is_file()
+    for chapter in (train_distilled, train_progressive, train_dmd):
+        message = one_line_error(chapter.main, ["--checkpoint", str(path), "--out-dir", str(tmp_path / "student")])
+        assert "--precondition edm" in message, chapter.__name__
 
 
 def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path, capsys):
