@@ -417,16 +417,15 @@ def diffusion_loss(model, x0, sched, min_snr_gamma=5.0, t_probs=None):
     x_t = q_sample(x0, t, noise, sched)
     pred_noise = model(x_t, t)
     per_sample = (pred_noise.float() - noise).pow(2).mean(dim=(1, 2, 3))  # ‖ε - ε_θ(x_t, t)‖²
+    snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])  # each x_t's signal-to-noise ratio
     sigma_data = getattr(model, "sigma_data", None)  # set on src.py's UNet by --precondition edm
     if sigma_data is not None:
         # EDM's weighting λ = 1/c_out² (their Sec. 5 and Table 1): every noise level's error counts alike in the
         # layers' own output. On ε's error that is this weight; it takes Min-SNR's place.
-        snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
         per_sample = per_sample * (1 + 1 / (sigma_data ** 2 * snr))
     elif min_snr_gamma > 0:
         # Min-SNR weighting: nearly-clean steps (huge signal-to-noise ratio) are easy and their gradients
         # fight the useful noisy steps; capping their weight at γ/SNR makes training converge much faster.
-        snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
         per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
     return per_sample.mean()
 
