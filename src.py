@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--precondition", choices=["none", "edm"], default="none",
                    help="edm: Karras et al. 2022's input/output scaling and loss weight around the same UNet; it "
                         "still returns ε to every sampler. Saved in the checkpoint (sigma_data); the distillation "
-                        "chapters do not take such a teacher yet")
+                        "chapters' students drop the scaling")
     p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
                         "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16 "

@@ -9,7 +9,8 @@ Usage (copy-paste):
 The idea (Luhman & Luhman 2021). A *deterministic* sampler (DDIM, η = 0) turns the teacher into a function: each
 noise z has exactly ONE digit x_0 = teacher(z). A function can be learned by plain regression, so:
   1. run the teacher once on many noises z and cache the (z, x_0) pairs on disk (--pairs, --teacher-steps);
-  2. train a student, a copy of the teacher's UNet (it already knows digit shapes), to map z to x_0 in one call.
+  2. train a student, a copy of the teacher's UNet (it already knows digit shapes), to map z to x_0 in one call
+     (a teacher trained with `src.py --precondition edm` lends its layers without EDM's scaling: student_from).
 The student predicts x_0 directly, not the noise: from pure noise "the noise" is no help, and x_0 = (z - √(1-ᾱ)·ε)/√ᾱ
 would blow every error up by 1/√ᾱ_T ≈ 150. Regressing onto a *random* target (a stochastic teacher) could only
 learn its blurry average; a deterministic target keeps the digits sharp. The price: the student can at best copy
@@ -456,6 +457,21 @@ def distill_loss(pred_x0, target_x0, kind):
     return error.abs().mean()
 
 
+def student_from(teacher):
+    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher trained
+    with `src.py --precondition edm` wraps those layers in EDM's scaling, which turns their output into ε; the copy
+    drops the wrapper. Such a teacher's layers already output about x_0/σ_data from pure noise (notes/1-ddpm.md)."""
+    student = copy.deepcopy(teacher)
+    student.sigma_data = None  # forward() then returns the layers' output as it is
+    return student
+
+
+def student_config(teacher_config, **settings):
+    """The student's checkpoint config: the teacher's network without EDM's scaling (the student has none, see
+    student_from), plus how the student was distilled."""
+    return dict({k: v for k, v in teacher_config.items() if k != "sigma_data"}, **settings)
+
+
 @torch.no_grad()
 def generate(student, sched, z, bf16=False):
     """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
@@ -484,15 +500,15 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
     total_steps = args.epochs * (len(z_all) // args.batch_size)
     if total_steps < 1:
         fail(f"--batch-size {args.batch_size} is larger than the {len(z_all)} --pairs")
-    student = copy.deepcopy(teacher).train().requires_grad_(True)  # start from the teacher's weights
+    student = student_from(teacher).train().requires_grad_(True)  # start from the teacher's weights
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     ema = EMA(student, args.ema_decay)
     last_path = os.path.join(args.out_dir, LAST_NAME)
     step, losses = resume(last_path, student, ema, optimizer, device) if args.resume else (0, [])
 
     def checkpoint(final=False):
-        config = dict(ckpt_config, method="kd", teacher_steps=args.teacher_steps, predicts="x0", loss=args.loss,
-                      batch_size=args.batch_size)
+        config = student_config(ckpt_config, method="kd", teacher_steps=args.teacher_steps, predicts="x0",
+                                loss=args.loss, batch_size=args.batch_size)
         ckpt = {"kind": "distilled", "config": config, "model": student.state_dict(), "ema": ema.model.state_dict(),
                 "step": step, "losses": losses}
         return ckpt if final else dict(ckpt, optimizer=optimizer.state_dict())  # the final file is for sampling
@@ -608,9 +624,6 @@ def main(argv=None):
     bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     ckpt = load_checkpoint(args.checkpoint, device)
-    if "sigma_data" in ckpt["config"]:  # the student starts from the teacher's layers and reads their output as x_0
-        fail(f"{args.checkpoint} was trained with --precondition edm; this chapter distils ε-predicting teachers "
-             "only: train one with `python src.py` without that flag")
     T = ckpt["config"]["schedule"]["T"]
     if args.teacher_steps > T:
         fail(f"--teacher-steps can be at most the {T} timesteps the teacher was trained with")

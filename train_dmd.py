@@ -15,6 +15,8 @@ noised generator digit x_t:
   - the "real" score: the frozen teacher, which knows what real digits look like at every noise level;
   - the "fake" score: a copy of the teacher trained online, with the ordinary DDPM loss, on the generator's own
     digits, so it knows what the *generator's* digits look like.
+The generator starts as a copy of the teacher's layers too, read as x_0 (student_from: a teacher trained with
+`src.py --precondition edm` lends them without EDM's scaling; the fake score keeps it, being a diffusion model).
 Where the two disagree, the generator is moved toward the teacher's guess and away from its own (section 5).
 That is the gradient of KL(generator || teacher), which seeks modes: alone it can over-draw easy digits. A small
 regression onto cached teacher pairs (chapter 4's idea) keeps every digit in play. The run starts with a cheap
@@ -521,6 +523,21 @@ def distill_loss(pred_x0, target_x0, kind):
     return error.abs().mean()
 
 
+def student_from(teacher):
+    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher trained
+    with `src.py --precondition edm` wraps those layers in EDM's scaling, which turns their output into ε; the copy
+    drops the wrapper. Such a teacher's layers already output about x_0/σ_data from pure noise (notes/1-ddpm.md)."""
+    student = copy.deepcopy(teacher)
+    student.sigma_data = None  # forward() then returns the layers' output as it is
+    return student
+
+
+def student_config(teacher_config, **settings):
+    """The student's checkpoint config: the teacher's network without EDM's scaling (the student has none, see
+    student_from), plus how the student was distilled."""
+    return dict({k: v for k, v in teacher_config.items() if k != "sigma_data"}, **settings)
+
+
 @torch.no_grad()
 def generate(student, sched, z, bf16=False):
     """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
@@ -597,7 +614,8 @@ def phase_lr(args, step, time_fraction):
 
 def checkpoint_of(args, config, generator, ema, fake, optimizers, step, losses, final=False):
     """What the run saves: the final file is for sampling; LAST_NAME adds the fake score and optimizers to resume."""
-    config = dict(config, method="dmd", predicts="x0", reg_weight=args.reg_weight, fake_updates=args.fake_updates)
+    config = student_config(config, method="dmd", predicts="x0", reg_weight=args.reg_weight,
+                            fake_updates=args.fake_updates)
     ckpt = {"kind": "dmd", "config": config, "model": generator.state_dict(), "ema": ema.model.state_dict(),
             "step": step, "losses": losses}
     if final:
@@ -608,12 +626,12 @@ def checkpoint_of(args, config, generator, ema, fake, optimizers, step, losses, 
 def setup(args, teacher, device):
     """The generator (the teacher's weights, or a kd student's with --init), its EMA, the fake score (the teacher's
     weights) and one AdamW optimizer each; with --resume, all of it as LAST_NAME saved it."""
-    generator = copy.deepcopy(teacher)
+    generator = student_from(teacher)
     if args.init:
         student = load_checkpoint(args.init, device, "distilled", "train_distilled.py")
         generator = model_from_checkpoint(student, args.init).to(device)
     generator.train().requires_grad_(True)
-    fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    fake = copy.deepcopy(teacher).train().requires_grad_(True)  # a diffusion model like the teacher: it returns ε
     optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (generator, fake)]
     ema = EMA(generator, args.ema_decay)
     step, losses = 0, {"distribution matching": [], "regression": [], "fake score": []}
@@ -777,9 +795,6 @@ def main(argv=None):
     bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     ckpt = load_checkpoint(args.checkpoint, device)
-    if "sigma_data" in ckpt["config"]:  # the student starts from the teacher's layers and reads their output as x_0
-        fail(f"{args.checkpoint} was trained with --precondition edm; this chapter distils ε-predicting teachers "
-             "only: train one with `python src.py` without that flag")
     if args.teacher_steps > ckpt["config"]["schedule"]["T"]:
         fail(f"--teacher-steps can be at most the {ckpt['config']['schedule']['T']} timesteps of the teacher")
     try:

@@ -12,6 +12,7 @@ noised to the timesteps the student will visit, so no pairs are cached (compare 
   * Stage 0's teacher is src.py's ε-predicting UNet; every student predicts x_0 instead (from pure noise, ε says
     nothing about the digit). So stage 0 starts an x_0-predicting student from the teacher's ε-predicting head:
     its very first predictions are wrong in kind, and the first stage spends some of its steps relearning the head.
+    (A teacher trained with `src.py --precondition edm` lends its layers without EDM's scaling: student_from.)
   * The target is the x_0 that makes one student step land where two teacher steps land (progressive_target).
   * The paper weights the x_0 loss by max(SNR, 1) ("truncated SNR"; --loss-weight truncated-snr); plain L1 is
     the default here (RESULTS.md compares the two).
@@ -457,6 +458,21 @@ def progressive_loss(pred_x0, target_x0, alpha_bar, kind, weighting):
     return per_sample.mean()
 
 
+def student_from(teacher):
+    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher trained
+    with `src.py --precondition edm` wraps those layers in EDM's scaling, which turns their output into ε; the copy
+    drops the wrapper. Such a teacher's layers already output about x_0/σ_data from pure noise (notes/1-ddpm.md)."""
+    student = copy.deepcopy(teacher)
+    student.sigma_data = None  # forward() then returns the layers' output as it is
+    return student
+
+
+def student_config(teacher_config, **settings):
+    """The student's checkpoint config: the teacher's network without EDM's scaling (the student has none, see
+    student_from), plus how the student was distilled."""
+    return dict({k: v for k, v in teacher_config.items() if k != "sigma_data"}, **settings)
+
+
 @torch.no_grad()
 def generate(student, sched, z, bf16=False):
     """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
@@ -477,7 +493,7 @@ def resume(path, args, student, teacher, state, device):
     print(f"resumed from {path}: stage {state['stage'] + 1}, step {state['step']}")
     if state["teacher_state"] is None:
         return teacher
-    teacher = copy.deepcopy(teacher)
+    teacher = student_from(teacher)  # a later stage's teacher is an earlier stage's student
     teacher.load_state_dict(state["teacher_state"])
     return teacher
 
@@ -526,7 +542,7 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
     if len(data) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data)} training digits")
     stages = int(math.log2(args.teacher_steps))
-    student = copy.deepcopy(teacher).train().requires_grad_(True)  # stage 0: the teacher's weights, see the top
+    student = student_from(teacher).train().requires_grad_(True)  # stage 0: the teacher's weights, see the top
     state = {"stage": 0, "step": 0, "losses": [], "teacher_state": None}
     state["optimizer"] = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     state["ema"] = EMA(student, args.ema_decay)
@@ -535,8 +551,8 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
         teacher = resume(last_path, args, student, teacher, state, device)
 
     def checkpoint(final=False):
-        config = dict(ckpt_config, method="progressive", teacher_steps=args.teacher_steps, predicts="x0",
-                      loss=args.loss, loss_weight=args.loss_weight, batch_size=args.batch_size)
+        config = student_config(ckpt_config, method="progressive", teacher_steps=args.teacher_steps, predicts="x0",
+                                loss=args.loss, loss_weight=args.loss_weight, batch_size=args.batch_size)
         saved = {k: state[k] for k in ("stage", "step", "losses", "teacher_state")}
         ckpt = {"kind": "progressive", "config": config, "model": student.state_dict(),
                 "ema": state["ema"].model.state_dict(), **saved}
@@ -640,9 +656,6 @@ def main(argv=None):
     bf16 = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     ckpt = load_checkpoint(args.checkpoint, device)
-    if "sigma_data" in ckpt["config"]:  # the student starts from the teacher's layers and reads their output as x_0
-        fail(f"{args.checkpoint} was trained with --precondition edm; this chapter distils ε-predicting teachers "
-             "only: train one with `python src.py` without that flag")
     T = ckpt["config"]["schedule"]["T"]
     if args.teacher_steps > T:
         fail(f"--teacher-steps can be at most the {T} timesteps the teacher was trained with")

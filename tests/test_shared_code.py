@@ -17,7 +17,8 @@ SHARED_WITH_SRC = ["ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAtten
 SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step", "sample_ddim", "log_snr", "dpmpp_2m_step", "solver_step", "clock"]
 SHARED_WITH_CFG = ["save_rows", "digit", "non_negative_float"]
 SHARED_WITH_KD = ["generate", "time_per_image", "save_outputs",  # the distillation chapters draw alike
-                  "file_fingerprint", "pair_noise", "make_pairs", "distill_loss"]  # and share the cached pairs
+                  "file_fingerprint", "pair_noise", "make_pairs", "distill_loss",  # and share the cached pairs
+                  "student_from", "student_config"]  # and build their students alike
 # what each chapter must carry: the model and schedule (to load src.py's checkpoint, or to extend the UNet)
 REQUIRED = ["ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAttention", "UNet", "ddim_step"]
 present = [c for c in CHAPTERS if os.path.isfile(os.path.join(ROOT, f"{c}.py"))]

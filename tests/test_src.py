@@ -213,7 +213,19 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert samples.shape == (4, 28, 28) and samples.dtype == np.uint8
 
 
-def test_precondition_edm_is_saved_sampled_by_chapter_3_and_refused_by_distillation(tiny_mnist, tmp_path):
+def test_a_student_drops_edms_scaling_and_starts_from_the_teachers_digit_over_sigma_data():
+    import train_distilled
+    model, plain = edm_pair()
+    student = train_distilled.student_from(model)
+    z, t = torch.randn(4, 1, 28, 28), torch.full((4,), 999)  # pure noise, where every one-step student starts
+    assert torch.equal(student(z, t), plain(z, t)) and model.sigma_data == EDM_CONFIG["sigma_data"]  # teacher kept
+    alpha_bar = src.ddpm_schedule(**src.COSINE_SCHEDULE)["alpha_bar"][999]
+    teacher_x0 = (z - (1 - alpha_bar).sqrt() * model(z, t)) / alpha_bar.sqrt()  # the teacher's guess of the digit
+    assert student(z, t).std() > 0.1  # the layers' output is not ~0, so the next line can fail
+    assert torch.allclose(EDM_CONFIG["sigma_data"] * student(z, t), teacher_x0, atol=0.02)  # up to c_skip·x ≈ 0.002·z
+
+
+def test_precondition_edm_is_saved_sampled_by_chapter_3_and_distilled_by_chapter_4(tiny_mnist, tmp_path):
     import sample_ddim
     import train_distilled
     import train_dmd
@@ -227,9 +239,30 @@ def test_precondition_edm_is_saved_sampled_by_chapter_3_and_refused_by_distillat
     sample_ddim.main(["--checkpoint", str(path), "--steps", "5", "--num-samples", "2", "--no-ddpm", "--no-inversion",
                       "--out-dir", str(tmp_path)])
     assert (tmp_path / "ddim_samples_5_steps.png").is_file()
-    for chapter in (train_distilled, train_progressive, train_dmd):
-        message = one_line_error(chapter.main, ["--checkpoint", str(path), "--out-dir", str(tmp_path / "student")])
-        assert "--precondition edm" in message, chapter.__name__
+    # Every distillation chapter takes it; its student drops the scaling, and so does the student's checkpoint.
+    common = ["--checkpoint", str(path), "--teacher-steps", "4", "--batch-size", "32", "--num-samples", "2"]
+    runs = {train_distilled: ["--pairs", "32", "--epochs", "1"],
+            train_progressive: ["--data-root", tiny_mnist, "--epochs", "1"],
+            train_dmd: ["--pairs", "32", "--regression-steps", "1", "--steps", "1"]}
+    for chapter, extra in runs.items():
+        out = tmp_path / chapter.__name__
+        chapter.main(common + extra + ["--out-dir", str(out)])
+        final = torch.load(out / chapter.FINAL_NAME, map_location="cpu", weights_only=True)
+        assert "sigma_data" not in final["config"] and final["config"]["predicts"] == "x0", chapter.__name__
+        assert chapter.model_from_checkpoint(final, "final").sigma_data is None
+    # Resumed, progressive distillation's later-stage teacher is an earlier student: no scaling either.
+    args = train_progressive.parse_args(["--teacher-steps", "4"])
+    teacher = train_progressive.model_from_checkpoint(ckpt, str(path))
+    student = train_progressive.student_from(teacher)
+    state = {"ema": train_progressive.EMA(student, 0.9),
+             "optimizer": torch.optim.AdamW(student.parameters())}
+    last = tmp_path / "train_progressive" / train_progressive.LAST_NAME
+    assert torch.load(last, weights_only=True)["teacher_state"] is not None  # stage 2's teacher was saved
+    stage_teacher = train_progressive.resume(str(last), args, student, teacher, state, torch.device("cpu"))
+    assert stage_teacher.sigma_data is None and teacher.sigma_data == src.SIGMA_DATA
+    # DMD's generator is a student; its fake score stays a diffusion model like the teacher: scaled, returning ε.
+    generator, _, fake, _, _, _ = train_dmd.setup(train_dmd.parse_args([]), teacher, torch.device("cpu"))
+    assert generator.sigma_data is None and fake.sigma_data == src.SIGMA_DATA
 
 
 def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path, capsys):
