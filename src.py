@@ -71,11 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights, used for sampling")
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="Min-SNR loss weighting (Hang et al. 2023); 0 turns it off (plain DDPM loss). Not used "
-                        "with --precondition edm, which brings its own weighting")
-    p.add_argument("--precondition", choices=["none", "edm"], default="none",
+                        "with --precondition edm (the CPU default), which brings its own weighting")
+    p.add_argument("--precondition", choices=["none", "edm"], default=None,
                    help="edm: Karras et al. 2022's input/output scaling and loss weight around the same UNet; it "
-                        "still returns ε to every sampler. Saved in the checkpoint (sigma_data); the distillation "
-                        "chapters' students drop the scaling")
+                        "still returns ε to every sampler. none: the layers predict ε themselves (the DDPM paper). "
+                        "Saved in the checkpoint (sigma_data). Default: edm for the CPU width 16, none for wider")
     p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
                         "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16 "
@@ -441,8 +441,12 @@ def resume(args, config, model, ema, optimizer, device):
         fail(f"--resume: no checkpoint at {path} (a run of src.py writes {LAST_NAME} after each epoch)")
     ckpt = load_checkpoint(path, device)
     if ckpt["config"] != config:
+        # e.g. a run from before EDM's scaling became the CPU default, resumed without --precondition none
+        only_the_scaling = {**ckpt["config"], "sigma_data": 0} == {**config, "sigma_data": 0}
+        saved = "edm" if "sigma_data" in ckpt["config"] else "none"
+        hint = f" (here --precondition {saved})" if only_the_scaling else ""
         fail(f"--resume: {path} was trained with another architecture/schedule {ckpt['config']}; "
-             f"pass the same flags or another --out-dir")
+             f"pass the same flags{hint} or another --out-dir")
     model.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -656,9 +660,9 @@ def main(argv=None):
     base_channels = args.base_channels or (16 if device.type == "cpu" else 64)
     # The recipe sprint (RESULTS.md) found what the narrow CPU UNet learns most from in ten minutes: a bold
     # learning rate, the cosine schedule, the upsampling convs at the low resolution, and noisier levels drawn
-    # more often - with a longer warm-up, without which that pair can blow up in the first few hundred steps.
-    # Over 20 epochs the linear schedule catches up, so wider UNets (GPU runs) keep the recipe they were measured
-    # with.
+    # more often - with a longer warm-up, without which that pair can blow up in the first few hundred steps -
+    # and EDM's scaling of the UNet's input and output. Over 20 epochs the linear schedule catches up, so wider
+    # UNets (GPU runs) keep the recipe they were measured with.
     narrow = base_channels <= 16
     args.lr = args.lr or (8e-3 if narrow else 2e-3)
     args.schedule = args.schedule or ("cosine" if narrow else "linear")
@@ -666,6 +670,7 @@ def main(argv=None):
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (500 if shifted else 200)
     args.noise_shift = args.noise_shift if args.noise_shift is not None else (1.0 if shifted else 0.0)
     args.upsample = args.upsample or ("conv-first" if narrow else "upsample-first")
+    args.precondition = args.precondition or ("edm" if narrow else "none")
     config = {"base_channels": base_channels, "channel_mults": [1, 2, 4], "attention": not args.no_attention,
               "schedule": COSINE_SCHEDULE if args.schedule == "cosine" else SCHEDULE}
     if args.upsample == "conv-first":  # the original order is saved as before (no key), so old runs resume

@@ -77,5 +77,16 @@ def tiny_checkpoint(tiny_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("src_run")
     src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "10", "--batch-size", "16", "--lr", "5e-3",
               "--warmup-steps", "50", "--noise-shift", "0",  # the tiny model's recipe, pinned: tests rely on it
+              "--precondition", "none",  # the layers predict ε themselves; tiny_edm_checkpoint has EDM's scaling
               "--base-channels", "8", "--num-samples", "4", "--save-npz", str(out / "samples.npz")])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_edm_checkpoint(tiny_mnist, tmp_path_factory):
+    """A checkpoint with src.py's CPU default, EDM's scaling, from one quick epoch: the path every chapter must take."""
+    import src
+    out = tmp_path_factory.mktemp("src_edm_run")
+    src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
+              "--base-channels", "8", "--num-samples", "1"])
     return out

@@ -205,6 +205,7 @@ def test_checkpoint_round_trip_and_outputs(tiny_checkpoint):
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 10 * (256 // 16) and ckpt["epoch"] == 10
     assert ckpt["config"]["base_channels"] == 8 and ckpt["config"]["schedule"] == src.COSINE_SCHEDULE
     assert ckpt["config"]["upsample"] == "conv-first"  # the defaults, saved so every chapter rebuilds this UNet
+    assert "sigma_data" not in ckpt["config"]  # --precondition none, as the fixture asked
     assert ckpt["recipe"]["lr"] == 5e-3 and ckpt["recipe"]["batch_size"] == 16  # how it was trained, for the record
     assert ckpt["recipe"]["noise_shift"] == 0.0 and ckpt["recipe"]["warmup_steps"] == 50  # as the fixture asked
     model = src.model_from_checkpoint(ckpt, "final")  # rebuilt from the config alone
@@ -222,23 +223,30 @@ def test_a_student_drops_edms_scaling_and_starts_from_the_teachers_digit_over_si
     alpha_bar = src.ddpm_schedule(**src.COSINE_SCHEDULE)["alpha_bar"][999]
     teacher_x0 = (z - (1 - alpha_bar).sqrt() * model(z, t)) / alpha_bar.sqrt()  # the teacher's guess of the digit
     assert student(z, t).std() > 0.1  # the layers' output is not ~0, so the next line can fail
-    assert torch.allclose(EDM_CONFIG["sigma_data"] * student(z, t), teacher_x0, atol=0.02)  # up to c_skip·x ≈ 0.002·z
+    assert torch.allclose(EDM_CONFIG["sigma_data"] * student(z, t), teacher_x0, atol=0.02)  # up to c_skip·x ~ 0.002z
 
 
-def test_precondition_edm_is_saved_sampled_by_chapter_3_and_distilled_by_chapter_4(tiny_mnist, tmp_path):
+def test_the_cpu_default_edm_is_saved_sampled_guided_benchmarked_and_distilled(tiny_edm_checkpoint, tiny_mnist,
+                                                                                tmp_path, capsys):
+    import evaluate
     import sample_ddim
+    import src_cfg
     import train_distilled
     import train_dmd
     import train_progressive
-    src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--epochs", "1", "--batch-size", "64",
-              "--base-channels", "8", "--num-samples", "1", "--precondition", "edm"])
-    path = tmp_path / "diffusion_model_final.pt"
+    path = tiny_edm_checkpoint / "diffusion_model_final.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["config"]["sigma_data"] == src.SIGMA_DATA and "alpha_bar" not in ckpt["ema"]
+    assert ckpt["config"]["sigma_data"] == src.SIGMA_DATA and "alpha_bar" not in ckpt["ema"]  # with no flag given
     assert sample_ddim.model_from_checkpoint(ckpt, str(path)).sigma_data == src.SIGMA_DATA
     sample_ddim.main(["--checkpoint", str(path), "--steps", "5", "--num-samples", "2", "--no-ddpm", "--no-inversion",
                       "--out-dir", str(tmp_path)])
     assert (tmp_path / "ddim_samples_5_steps.png").is_file()
+    src_cfg.main(["--checkpoint", str(path), "--digits", "3", "--scales", "3", "--num-samples", "1", "--steps", "3",
+                  "--classifier-epochs", "1", "--data-root", tiny_mnist, "--out-dir", str(tmp_path / "guided")])
+    assert (tmp_path / "guided" / "classifier_guidance_scale_3.png").is_file()
+    capsys.readouterr()
+    evaluate.main(["--benchmark", "--out-dir", str(tiny_edm_checkpoint), "--repeats", "1", "--batch-size", "2"])
+    assert "| DPM-Solver++(2M) SDE 20 steps (sample_ddim.py) |" in capsys.readouterr().out
     # Every distillation chapter takes it; its student drops the scaling, and so does the student's checkpoint.
     common = ["--checkpoint", str(path), "--teacher-steps", "4", "--batch-size", "32", "--num-samples", "2"]
     runs = {train_distilled: ["--pairs", "32", "--epochs", "1"],
@@ -267,11 +275,12 @@ def test_precondition_edm_is_saved_sampled_by_chapter_3_and_distilled_by_chapter
 
 def test_resume_continues_at_the_same_step(tiny_mnist, tmp_path, capsys):
     common = ["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--batch-size", "64",
-              "--base-channels", "8", "--num-samples", "1", "--schedule", "linear", "--upsample", "upsample-first"]
+              "--base-channels", "8", "--num-samples", "1", "--schedule", "linear", "--upsample", "upsample-first",
+              "--precondition", "none"]
     src.main(common + ["--epochs", "1", "--lr", "4e-3"])
     first = torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)
     assert first["step"] == 4 and len(first["losses"]) == 4
-    # with these two flags the config is saved exactly as before they existed, so such runs still resume
+    # with these three flags the config is saved exactly as before they existed, so such runs still resume
     assert first["config"] == {"base_channels": 8, "channel_mults": [1, 2, 4], "attention": True,
                                "schedule": src.SCHEDULE}
     src.main(common + ["--epochs", "3", "--resume"])
@@ -302,14 +311,16 @@ def test_sample_only_reloads_the_final_checkpoint(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("flags,recipe", [
-    (["--base-channels", "16"], (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first")),  # CPU: the ten-minute recipe
-    (["--base-channels", "64"], (2e-3, 200, 0.0, src.SCHEDULE, None)),  # GPU: the recipe its runs were measured with
+    (["--base-channels", "16"], (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first", 0.5)),  # CPU: the 10-min recipe
+    (["--base-channels", "64"], (2e-3, 200, 0.0, src.SCHEDULE, None, None)),  # GPU: the recipe it was measured with
     # the noise shift (and the warm-up it needs) is derived for the cosine schedule: not switched on for linear
-    (["--base-channels", "16", "--schedule", "linear"], (8e-3, 200, 0.0, src.SCHEDULE, "conv-first"))])
+    (["--base-channels", "16", "--schedule", "linear"], (8e-3, 200, 0.0, src.SCHEDULE, "conv-first", 0.5)),
+    (["--base-channels", "16", "--precondition", "none"], (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first", None))])
 def test_the_default_recipe_depends_on_the_width_and_schedule(flags, recipe, tiny_mnist, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(src, "train", lambda args, config, *_: seen.append(
-        (args.lr, args.warmup_steps, args.noise_shift, config["schedule"], config.get("upsample"))) or sys.exit(0))
+        (args.lr, args.warmup_steps, args.noise_shift, config["schedule"], config.get("upsample"),
+         config.get("sigma_data"))) or sys.exit(0))
     with pytest.raises(SystemExit):
         src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path)] + flags)
     assert seen == [recipe]
@@ -367,7 +378,14 @@ def test_resume_without_checkpoint(tiny_mnist, tmp_path):
 def test_resume_with_another_architecture(tiny_checkpoint, tiny_mnist, tmp_path):
     message = run_main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", "16",
                         "--resume", str(tiny_checkpoint / "diffusion_model_last.pt")])
-    assert "another architecture" in message
+    assert "another architecture" in message and "--precondition" not in message
+
+
+def test_resume_across_the_scaling_names_the_flag(tiny_checkpoint, tiny_mnist, tmp_path):
+    """The fixture's run has no EDM scaling; the CPU default now has it: the one line says which flag to pass."""
+    message = run_main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", "8",
+                        "--resume", str(tiny_checkpoint / "diffusion_model_last.pt")])
+    assert "another architecture" in message and "(here --precondition none)" in message
 
 
 def test_corrupt_checkpoint(tmp_path):
