@@ -10,7 +10,7 @@ The idea (Luhman & Luhman 2021). A *deterministic* sampler (DDIM, η = 0) turns 
 noise z has exactly ONE digit x_0 = teacher(z). A function can be learned by plain regression, so:
   1. run the teacher once on many noises z and cache the (z, x_0) pairs on disk (--pairs, --teacher-steps);
   2. train a student, a copy of the teacher's UNet (it already knows digit shapes), to map z to x_0 in one call
-     (a teacher trained with `src.py --precondition edm` lends its layers without EDM's scaling: student_from).
+     (a teacher with EDM's scaling, src.py's CPU default, lends its layers without the scaling: student_from).
 The student predicts x_0 directly, not the noise: from pure noise "the noise" is no help, and x_0 = (z - √(1-ᾱ)·ε)/√ᾱ
 would blow every error up by 1/√ᾱ_T ≈ 150. Regressing onto a *random* target (a stochastic teacher) could only
 learn its blurry average; a deterministic target keeps the digits sharp. The price: the student can at best copy
@@ -458,9 +458,9 @@ def distill_loss(pred_x0, target_x0, kind):
 
 
 def student_from(teacher):
-    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher trained
-    with `src.py --precondition edm` wraps those layers in EDM's scaling, which turns their output into ε; the copy
-    drops the wrapper. Such a teacher's layers already output about x_0/σ_data from pure noise (notes/1-ddpm.md)."""
+    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher with EDM's
+    scaling (`src.py --precondition edm`, the CPU default) wraps those layers in it, which turns their output into ε;
+    the copy drops the wrapper. From pure noise such layers already output about x_0/σ_data (note 4)."""
     student = copy.deepcopy(teacher)
     student.sigma_data = None  # forward() then returns the layers' output as it is
     return student

@@ -15,8 +15,8 @@ noised generator digit x_t:
   - the "real" score: the frozen teacher, which knows what real digits look like at every noise level;
   - the "fake" score: a copy of the teacher trained online, with the ordinary DDPM loss, on the generator's own
     digits, so it knows what the *generator's* digits look like.
-The generator starts as a copy of the teacher's layers too, read as x_0 (student_from: a teacher trained with
-`src.py --precondition edm` lends them without EDM's scaling; the fake score keeps it, being a diffusion model).
+The generator starts as a copy of the teacher's layers too, read as x_0 (student_from: a teacher with EDM's scaling,
+src.py's CPU default, lends them without the scaling; the fake score keeps it, being a diffusion model).
 Where the two disagree, the generator is moved toward the teacher's guess and away from its own (section 5).
 That is the gradient of KL(generator || teacher), which seeks modes: alone it can over-draw easy digits. A small
 regression onto cached teacher pairs (chapter 4's idea) keeps every digit in play. The run starts with a cheap
@@ -524,9 +524,9 @@ def distill_loss(pred_x0, target_x0, kind):
 
 
 def student_from(teacher):
-    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher trained
-    with `src.py --precondition edm` wraps those layers in EDM's scaling, which turns their output into ε; the copy
-    drops the wrapper. Such a teacher's layers already output about x_0/σ_data from pure noise (notes/1-ddpm.md)."""
+    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher with EDM's
+    scaling (`src.py --precondition edm`, the CPU default) wraps those layers in it, which turns their output into ε;
+    the copy drops the wrapper. From pure noise such layers already output about x_0/σ_data (note 4)."""
     student = copy.deepcopy(teacher)
     student.sigma_data = None  # forward() then returns the layers' output as it is
     return student

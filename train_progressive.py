@@ -12,7 +12,7 @@ noised to the timesteps the student will visit, so no pairs are cached (compare 
   * Stage 0's teacher is src.py's ε-predicting UNet; every student predicts x_0 instead (from pure noise, ε says
     nothing about the digit). So stage 0 starts an x_0-predicting student from the teacher's ε-predicting head:
     its very first predictions are wrong in kind, and the first stage spends some of its steps relearning the head.
-    (A teacher trained with `src.py --precondition edm` lends its layers without EDM's scaling: student_from.)
+    (A teacher with EDM's scaling, src.py's CPU default, lends its layers without the scaling: student_from.)
   * The target is the x_0 that makes one student step land where two teacher steps land (progressive_target).
   * The paper weights the x_0 loss by max(SNR, 1) ("truncated SNR"; --loss-weight truncated-snr); plain L1 is
     the default here (RESULTS.md compares the two).
@@ -459,9 +459,9 @@ def progressive_loss(pred_x0, target_x0, alpha_bar, kind, weighting):
 
 
 def student_from(teacher):
-    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher trained
-    with `src.py --precondition edm` wraps those layers in EDM's scaling, which turns their output into ε; the copy
-    drops the wrapper. Such a teacher's layers already output about x_0/σ_data from pure noise (notes/1-ddpm.md)."""
+    """A trainable copy of the teacher's layers, whose output the student reads as x_0 (not ε). A teacher with EDM's
+    scaling (`src.py --precondition edm`, the CPU default) wraps those layers in it, which turns their output into ε;
+    the copy drops the wrapper. From pure noise such layers already output about x_0/σ_data (note 4)."""
     student = copy.deepcopy(teacher)
     student.sigma_data = None  # forward() then returns the layers' output as it is
     return student
