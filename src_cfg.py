@@ -290,10 +290,11 @@ class UNet(nn.Module):
         # c_in = 1/√(σ² + σ_data²), c_skip = σ_data²/(σ² + σ_data²), c_out = σ·σ_data/√(σ² + σ_data²).
         alpha_bar = self.alpha_bar[t].view(-1, 1, 1, 1)
         scale = (1 - alpha_bar + self.sigma_data ** 2 * alpha_bar).sqrt()  # x_t's std if the digits' std were σ_data
-        out = self.trunk(x / scale, emb)  # c_in·x = x_t/scale: unit-variance input, for data of spread σ_data
+        x_in = x / scale  # c_in·x = x_t/scale: unit-variance input, for data of spread σ_data
+        out = self.trunk(x_in, emb)
         # ε = (x - D)/σ, rewritten in x_t. The layers' target is -ε where x_t is nearly clean and x_0/σ_data where it
         # is nearly all noise, so their errors are never magnified by 1/√ᾱ as ε-prediction's are on the way to x_0.
-        return ((1 - alpha_bar).sqrt() * x / scale - self.sigma_data * alpha_bar.sqrt() * out) / scale
+        return ((1 - alpha_bar).sqrt() * x_in - self.sigma_data * alpha_bar.sqrt() * out) / scale
 
     def trunk(self, x, emb):
         """The UNet proper, given the embedding of what it is conditioned on (here: the timestep)."""

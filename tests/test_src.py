@@ -222,8 +222,9 @@ def test_a_student_drops_edms_scaling_and_starts_from_the_teachers_digit_over_si
     assert torch.equal(student(z, t), plain(z, t)) and model.sigma_data == EDM_CONFIG["sigma_data"]  # teacher kept
     alpha_bar = src.ddpm_schedule(**src.COSINE_SCHEDULE)["alpha_bar"][999]
     teacher_x0 = (z - (1 - alpha_bar).sqrt() * model(z, t)) / alpha_bar.sqrt()  # the teacher's guess of the digit
-    assert student(z, t).std() > 0.1  # the layers' output is not ~0, so the next line can fail
-    assert torch.allclose(EDM_CONFIG["sigma_data"] * student(z, t), teacher_x0, atol=0.02)  # up to c_skip·x ~ 0.002z
+    layers_out = student(z, t)
+    assert layers_out.std() > 0.1  # the layers' output is not ~0, so the next line can fail
+    assert torch.allclose(EDM_CONFIG["sigma_data"] * layers_out, teacher_x0, atol=0.02)  # up to c_skip·x ~ 0.002z
 
 
 def test_the_cpu_default_edm_is_saved_sampled_guided_benchmarked_and_distilled(tiny_edm_checkpoint, tiny_mnist,
