@@ -46,7 +46,7 @@ FINAL_NAME = "diffusion_model_final.pt"
 LAST_NAME = "diffusion_model_last.pt"
 COSINE_SCHEDULE = {"T": 1000, "kind": "cosine"}  # the CPU default: Improved DDPM's (notes/1-ddpm.md)
 SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # --schedule linear: the DDPM paper's (Sec. 4)
-SIGMA_DATA = 0.5  # --precondition edm: the data's std EDM's scaling assumes (their value; MNIST's pixels: ~0.62)
+SIGMA_DATA = 0.5  # --precondition edm: the data's spread EDM's scaling assumes (their value; notes/1-ddpm.md)
 RECIPE_KEYS = ["lr", "batch_size", "warmup_steps", "ema_decay", "min_snr_gamma", "noise_shift"]  # into checkpoints
 PREVIEW_DIGITS, PREVIEW_STEPS = 16, 50  # the per-epoch preview grid: how many digits, how many sampling steps
 
@@ -76,6 +76,10 @@ def parse_args(argv=None):
                    help="edm: Karras et al. 2022's input/output scaling and loss weight around the same UNet; it "
                         "still returns ε to every sampler. none: the layers predict ε themselves (the DDPM paper). "
                         "Saved in the checkpoint (sigma_data). Default: edm for the CPU width 16, none for wider")
+    p.add_argument("--sigma-data", type=positive_float, default=SIGMA_DATA,
+                   help="--precondition edm: the data's spread σ_data that the scaling assumes. The default is "
+                        "EDM's; their derivation gives 0.96 for MNIST, its root-mean-square pixel (notes/1-ddpm.md). "
+                        "Saved in the checkpoint")
     p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
                         "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16 "
@@ -442,10 +446,12 @@ def resume(args, config, model, ema, optimizer, device):
         fail(f"--resume: no checkpoint at {path} (a run of src.py writes {LAST_NAME} after each epoch)")
     ckpt = load_checkpoint(path, device)
     if ckpt["config"] != config:
-        # e.g. a run from before EDM's scaling became the CPU default, resumed without --precondition none
+        # e.g. a run from before EDM's scaling became the CPU default, resumed without --precondition none, or one
+        # trained with another --sigma-data
         only_the_scaling = {**ckpt["config"], "sigma_data": 0} == {**config, "sigma_data": 0}
-        saved = "edm" if "sigma_data" in ckpt["config"] else "none"
-        hint = f" (here --precondition {saved})" if only_the_scaling else ""
+        saved = ckpt["config"].get("sigma_data")
+        flags = "--precondition none" if saved is None else f"--precondition edm --sigma-data {saved}"
+        hint = f" (here {flags})" if only_the_scaling else ""
         fail(f"--resume: {path} was trained with another architecture/schedule {ckpt['config']}; "
              f"pass the same flags{hint} or another --out-dir")
     model.load_state_dict(ckpt["model"])
@@ -677,7 +683,7 @@ def main(argv=None):
     if args.upsample == "conv-first":  # the original order is saved as before (no key), so old runs resume
         config["upsample"] = "conv-first"
     if args.precondition == "edm":  # likewise: no key means the layers predict ε directly
-        config["sigma_data"] = SIGMA_DATA
+        config["sigma_data"] = args.sigma_data
     # Ctrl-C in the middle of a step raises KeyboardInterrupt; train() catches it and saves.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ema_model, losses, previews = train(args, config, device, bf16)
