@@ -47,7 +47,8 @@ LAST_NAME = "diffusion_model_last.pt"
 COSINE_SCHEDULE = {"T": 1000, "kind": "cosine"}  # the CPU default: Improved DDPM's (notes/1-ddpm.md)
 SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # --schedule linear: the DDPM paper's (Sec. 4)
 SIGMA_DATA = 0.5  # --precondition edm: the data's spread EDM's scaling assumes (their value; notes/1-ddpm.md)
-RECIPE_KEYS = ["lr", "batch_size", "warmup_steps", "ema_decay", "min_snr_gamma", "noise_shift"]  # into checkpoints
+RECIPE_KEYS = ["lr", "batch_size", "warmup_steps", "ema_decay", "min_snr_gamma", "noise_shift", "optimizer",
+               "muon_lr"]  # into checkpoints
 PREVIEW_DIGITS, PREVIEW_STEPS = 16, 50  # the per-epoch preview grid: how many digits, how many sampling steps
 
 
@@ -65,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per training (and sampling) step")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="peak AdamW learning rate. Default: 8e-3 for the CPU width 16, 2e-3 for wider UNets")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
+                   help="muon: Muon for the hidden layers' weight matrices (at --muon-lr), AdamW at --lr for the "
+                        "rest (see class Muon). Default: muon for the CPU width 16, adamw for wider UNets")
+    p.add_argument("--muon-lr", type=positive_float, default=0.02,
+                   help="--optimizer muon: peak learning rate of the weight matrices (Jordan et al.'s value)")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear learning-rate warm-up. Default: 500 for the CPU width 16 on the cosine schedule (it "
                         "goes with the noise shift), 200 otherwise")
@@ -425,6 +431,62 @@ class EMA:
             ema_p.lerp_(p, 1 - decay)
 
 
+def orthogonalize(G, steps=5):
+    """The matrix nearest to G whose singular values are all 1 (U·Vᵀ of G's SVD), roughly, by a quintic Newton-
+    Schulz iteration: matrix products only, no SVD. Jordan et al. (2024) tuned a, b, c so that five steps take every
+    singular value above about 1/300 of G's norm to between about 0.7 and 1.2: close enough for a step's direction.
+    (A smaller one grows by a⁵ ≈ 490: still far more, relative to the rest, than the gradient gave it.)"""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    wide = G.shape[0] <= G.shape[1]
+    X = G if wide else G.T  # work with the smaller of X·Xᵀ and Xᵀ·X
+    X = X / (X.norm() + 1e-7)  # the Frobenius norm is at least the largest singular value: all now <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X  # each singular value s becomes a·s + b·s³ + c·s⁵
+    return X if wide else X.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the hidden layers' weight matrices, AdamW for every other parameter.
+    Adam scales each number of the gradient on its own. Muon reads a layer's weights as one matrix (a conv's as
+    out_channels x in_channels·3·3), keeps a momentum of its gradient, and steps along that momentum with all its
+    singular values set to 1: directions the gradient hardly pushes move as far as the dominant ones. The stem and
+    the head (one image channel in or out), the biases and the norms' scales stay with AdamW (weight decay 0)."""
+
+    def __init__(self, model, lr, adamw_lr, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
+        named = list(model.named_parameters())
+        hidden = [p.ndim >= 2 and not name.startswith(("stem.", "head.")) for name, p in named]
+        groups = [{"params": [p for (_, p), h in zip(named, hidden) if h], "lr": lr, "muon": True},
+                  {"params": [p for (_, p), h in zip(named, hidden) if not h], "lr": adamw_lr, "muon": False}]
+        super().__init__(groups, {"momentum": momentum, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if group["muon"]:
+                    momentum = state.setdefault("momentum", torch.zeros_like(p)).mul_(group["momentum"]).add_(p.grad)
+                    ahead = p.grad + group["momentum"] * momentum  # Nesterov: where the momentum is heading
+                    update = orthogonalize(ahead.reshape(len(p), -1))
+                    # a tall matrix's unit singular values spread over more rows: √(rows/cols) evens the step size
+                    scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
+                    p.add_(update.view_as(p), alpha=-group["lr"] * scale)
+                else:  # AdamW's update, written out (weight decay 0)
+                    state["step"] = state.get("step", 0) + 1
+                    beta1, beta2 = group["betas"]
+                    m = state.setdefault("exp_avg", torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
+                    v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).lerp_(p.grad ** 2, 1 - beta2)
+                    m_hat, v_hat = m / (1 - beta1 ** state["step"]), v / (1 - beta2 ** state["step"])
+                    p.addcdiv_(m_hat, v_hat.sqrt() + group["eps"], value=-group["lr"])
+
+
+def make_optimizer(model, args):
+    if args.optimizer == "muon":
+        return Muon(model, lr=args.muon_lr, adamw_lr=args.lr)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+
 def learning_rate(args, step, progress):
     """Linear warm-up and a cosine decay to 5% of the peak as training `progress` goes 0 -> 1, whichever is lower:
     on a run only a few times longer than its warm-up, the ramp hands over to the decay where they cross, no jump."""
@@ -455,6 +517,9 @@ def resume(args, config, model, ema, optimizer, device):
         hint = f" (here {flags})" if only_the_scaling else ""
         fail(f"--resume: {path} was trained with another architecture/schedule {ckpt['config']}; "
              f"pass the same flags{hint} or another --out-dir")
+    trained_with = ckpt.get("recipe", {}).get("optimizer", "adamw")  # runs from before --optimizer used AdamW
+    if trained_with != args.optimizer:  # the two keep different state: one cannot take over the other's
+        fail(f"--resume: {path} was trained with --optimizer {trained_with}; pass it again or use another --out-dir")
     model.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -490,7 +555,7 @@ def train(args, config, device, bf16):
     model = build_model(config).to(device)
     print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | UNet "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, base width {config['base_channels']}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(model, args)
     ema = EMA(model, args.ema_decay)
     steps_per_epoch = len(data) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -514,8 +579,9 @@ def train(args, config, device, bf16):
                 elapsed = time.time() - start
                 if step >= total_steps or elapsed >= budget_s:
                     break
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
+                rate = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
+                for group in optimizer.param_groups:  # Muon's matrices follow the same curve to their own peak
+                    group["lr"] = rate * args.muon_lr / args.lr if group.get("muon") else rate
                 x0 = data[order[i * args.batch_size:(i + 1) * args.batch_size]]
                 losses.append(train_step(model, ema, optimizer, x0, sched, t_probs, step, args, device, bf16))
                 step += 1
@@ -669,7 +735,8 @@ def main(argv=None):
     # The recipe sprint (RESULTS.md) found what the narrow CPU UNet learns most from in ten minutes: a bold
     # learning rate, the cosine schedule, the upsampling convs at the low resolution, and noisier levels drawn
     # more often - with a longer warm-up, without which that pair can blow up in the first few hundred steps -
-    # and EDM's scaling of the UNet's input and output. Over 20 epochs the linear schedule catches up, so wider
+    # and EDM's scaling of the UNet's input and output, and Muon's orthogonalised steps for the weight matrices.
+    # Over 20 epochs the linear schedule catches up, so wider
     # UNets (GPU runs) keep the recipe they were measured with.
     narrow = base_channels <= 16
     args.lr = args.lr or (8e-3 if narrow else 2e-3)
@@ -679,6 +746,7 @@ def main(argv=None):
     args.noise_shift = args.noise_shift if args.noise_shift is not None else (1.0 if shifted else 0.0)
     args.upsample = args.upsample or ("conv-first" if narrow else "upsample-first")
     args.precondition = args.precondition or ("edm" if narrow else "none")
+    args.optimizer = args.optimizer or ("muon" if narrow else "adamw")
     config = {"base_channels": base_channels, "channel_mults": [1, 2, 4], "attention": not args.no_attention,
               "schedule": COSINE_SCHEDULE if args.schedule == "cosine" else SCHEDULE}
     if args.upsample == "conv-first":  # the original order is saved as before (no key), so old runs resume

@@ -31,9 +31,10 @@ def refused_flag(main, argv, capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def loss_before_and_after(loss_fn, params, steps, lr=2e-3):
-    """loss_fn() before and after `steps` AdamW steps on it: does training move the loss the right way?"""
-    opt = torch.optim.AdamW(params, lr=lr)
+def loss_before_and_after(loss_fn, params, steps, lr=2e-3, opt=None):
+    """loss_fn() before and after `steps` optimizer steps on it (AdamW unless `opt` is given): does training move
+    the loss the right way?"""
+    opt = opt or torch.optim.AdamW(params, lr=lr)
     before = loss_fn().item()
     for _ in range(steps):
         opt.zero_grad()
@@ -78,6 +79,7 @@ def tiny_checkpoint(tiny_mnist, tmp_path_factory):
     src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "10", "--batch-size", "16", "--lr", "5e-3",
               "--warmup-steps", "50", "--noise-shift", "0",  # the tiny model's recipe, pinned: tests rely on it
               "--precondition", "none",  # the layers predict ε themselves; tiny_edm_checkpoint has EDM's scaling
+              "--optimizer", "adamw",  # tiny_edm_checkpoint takes the CPU default, Muon
               "--base-channels", "8", "--num-samples", "4", "--save-npz", str(out / "samples.npz")])
     return out
 

@@ -130,7 +130,8 @@ def test_edm_loss_weighs_every_level_alike_in_the_layers_output():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
 
 
-def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(optimizer):
     torch.manual_seed(0)
     model = src.UNet(8)
     s = src.ddpm_schedule(**src.SCHEDULE)
@@ -140,8 +141,32 @@ def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
         torch.manual_seed(1)  # same t and ε every time: only the weights change
         return src.diffusion_loss(model, x0, s)
 
-    before, after = loss_before_and_after(loss_at_fixed_noise, model.parameters(), steps=5)
+    args = SimpleNamespace(optimizer=optimizer, lr=2e-3, muon_lr=0.02)
+    before, after = loss_before_and_after(loss_at_fixed_noise, None, steps=5, opt=src.make_optimizer(model, args))
     assert after < 0.9 * before
+
+
+@pytest.mark.parametrize("shape", [(16, 144), (64, 576), (64, 16)])  # a conv's out x in·3·3; a tall emb matrix
+def test_orthogonalize_sets_every_singular_value_near_1(shape):
+    torch.manual_seed(0)
+    k = min(shape)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    G = U @ torch.diag(torch.logspace(-2, 0, k)) @ V.T  # singular values 0.01 to 1, as lopsided as gradients are
+    singular_values = torch.linalg.svdvals(src.orthogonalize(G))
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25
+    # U·Vᵀ itself, with G's own singular vectors (the largest singular value of the difference), not any such matrix
+    assert torch.linalg.matrix_norm(src.orthogonalize(G) - U @ V.T, ord=2) < 0.35
+
+
+def test_muon_steps_the_hidden_matrices_and_leaves_the_rest_to_adamw():
+    model = src.UNet(8)
+    muon, adamw = src.Muon(model, lr=0.02, adamw_lr=2e-3).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for p in muon["params"]}
+    assert "down_blocks.0.conv1.weight" in in_muon and "mid_attn.qkv.weight" in in_muon
+    assert not any(n.startswith(("stem.", "head.")) or n.endswith("bias") for n in in_muon)
+    assert len(in_muon) + len(adamw["params"]) == len(names) and muon["lr"] == 0.02 and adamw["lr"] == 2e-3
 
 
 @pytest.mark.parametrize("schedule", [src.SCHEDULE, src.COSINE_SCHEDULE])
@@ -313,16 +338,19 @@ def test_sample_only_reloads_the_final_checkpoint(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("flags,recipe", [
-    (["--base-channels", "16"], (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first", 0.5)),  # CPU: the 10-min recipe
-    (["--base-channels", "64"], (2e-3, 200, 0.0, src.SCHEDULE, None, None)),  # GPU: the recipe it was measured with
+    # CPU: the 10-min recipe
+    (["--base-channels", "16"], (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first", 0.5, "muon")),
+    # GPU: the recipe it was measured with
+    (["--base-channels", "64"], (2e-3, 200, 0.0, src.SCHEDULE, None, None, "adamw")),
     # the noise shift (and the warm-up it needs) is derived for the cosine schedule: not switched on for linear
-    (["--base-channels", "16", "--schedule", "linear"], (8e-3, 200, 0.0, src.SCHEDULE, "conv-first", 0.5)),
-    (["--base-channels", "16", "--precondition", "none"], (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first", None))])
+    (["--base-channels", "16", "--schedule", "linear"], (8e-3, 200, 0.0, src.SCHEDULE, "conv-first", 0.5, "muon")),
+    (["--base-channels", "16", "--precondition", "none", "--optimizer", "adamw"],
+     (8e-3, 500, 1.0, src.COSINE_SCHEDULE, "conv-first", None, "adamw"))])
 def test_the_default_recipe_depends_on_the_width_and_schedule(flags, recipe, tiny_mnist, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(src, "train", lambda args, config, *_: seen.append(
         (args.lr, args.warmup_steps, args.noise_shift, config["schedule"], config.get("upsample"),
-         config.get("sigma_data"))) or sys.exit(0))
+         config.get("sigma_data"), args.optimizer)) or sys.exit(0))
     with pytest.raises(SystemExit):
         src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path)] + flags)
     assert seen == [recipe]
@@ -394,6 +422,13 @@ def test_resume_with_another_sigma_data_names_the_flags(tiny_edm_checkpoint, tin
     message = run_main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", "8", "--sigma-data",
                         "0.96", "--resume", str(tiny_edm_checkpoint / "diffusion_model_last.pt")])
     assert f"(here --precondition edm --sigma-data {src.SIGMA_DATA})" in message
+
+
+def test_resume_with_another_optimizer_names_the_flag(tiny_checkpoint, tiny_mnist, tmp_path):
+    """Muon keeps a momentum per matrix, AdamW two averages per number: a run continues with the one it began with."""
+    message = run_main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path), "--base-channels", "8", "--precondition",
+                        "none", "--optimizer", "muon", "--resume", str(tiny_checkpoint / "diffusion_model_last.pt")])
+    assert "was trained with --optimizer adamw" in message
 
 
 def test_corrupt_checkpoint(tmp_path):
