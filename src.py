@@ -65,7 +65,8 @@ def parse_args(argv=None):
                         "comes first, then still saves and samples")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per training (and sampling) step")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="peak AdamW learning rate. Default: 8e-3 for the CPU width 16, 2e-3 for wider UNets")
+                   help="peak AdamW learning rate (with --optimizer muon: of the parameters Muon leaves to AdamW). "
+                        "Default: 8e-3 for the CPU width 16, 2e-3 for wider UNets")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon for the hidden layers' weight matrices (at --muon-lr), AdamW at --lr for the "
                         "rest (see class Muon). Default: muon for the CPU width 16, adamw for wider UNets")
@@ -736,8 +737,8 @@ def main(argv=None):
     # learning rate, the cosine schedule, the upsampling convs at the low resolution, and noisier levels drawn
     # more often - with a longer warm-up, without which that pair can blow up in the first few hundred steps -
     # and EDM's scaling of the UNet's input and output, and Muon's orthogonalised steps for the weight matrices.
-    # Over 20 epochs the linear schedule catches up, so wider
-    # UNets (GPU runs) keep the recipe they were measured with.
+    # Over 20 epochs the linear schedule catches up, so wider UNets (GPU runs) keep the recipe they were measured
+    # with (AdamW included: Muon is unmeasured there).
     narrow = base_channels <= 16
     args.lr = args.lr or (8e-3 if narrow else 2e-3)
     args.schedule = args.schedule or ("cosine" if narrow else "linear")
