@@ -85,9 +85,8 @@ def parse_args(argv=None):
                         "Saved in the checkpoint (sigma_data). Default: edm for the CPU width 16, none for wider")
     p.add_argument("--sigma-data", type=positive_float, default=SIGMA_DATA,
                    help="--precondition edm: the data's spread σ_data that the scaling assumes. The default is "
-                        "EDM's; their derivation, redone for MNIST's non-zero mean, gives 0.96, the root-mean-square pixel "
-                        "(notes/1-ddpm.md). "
-                        "Saved in the checkpoint")
+                        "EDM's; their derivation, redone for MNIST's non-zero mean, gives 0.96, the root-mean-square "
+                        "pixel (notes/1-ddpm.md). Saved in the checkpoint")
     p.add_argument("--noise-shift", type=float, default=None,
                    help="train on noisier levels more often: tilt the draw of t so the levels it visits centre on "
                         "log-SNR = -SHIFT instead of 0; 0 = uniform t (the paper). Default: 1 for the CPU width 16 "
