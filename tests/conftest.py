@@ -92,3 +92,9 @@ def tiny_edm_checkpoint(tiny_mnist, tmp_path_factory):
     src.main(["--data-root", tiny_mnist, "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
               "--base-channels", "8", "--num-samples", "1"])
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on real MNIST train for a minute or more: start them first, so that with `-n 2` (pytest.ini) the
+    other process works through the quick tests meanwhile instead of waiting for them at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("skipif") is not needs_real_mnist.mark)

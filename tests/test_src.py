@@ -360,7 +360,8 @@ def test_cli_end_to_end_in_a_subprocess(tiny_mnist, tmp_path):
     """What a learner types, with --minutes as the stop: trains, saves, samples, exits 0."""
     result = subprocess.run([sys.executable, "src.py", "--data-root", tiny_mnist, "--out-dir", str(tmp_path),
                              "--minutes", "0.02", "--epochs", "50", "--batch-size", "32", "--base-channels", "8",
-                             "--num-samples", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "--num-samples", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # one thread, like the tests beside it
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "diffusion_model_final.pt").is_file()
     assert "trained" in result.stdout and "img/s" in result.stdout
