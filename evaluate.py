@@ -57,7 +57,7 @@ PR_NEIGHBOURS = 3  # k of the k-nearest-neighbour balls in precision/recall (Kyn
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID / accuracy of generated MNIST digits, and a sampler benchmark.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("samples", nargs="*", help=".npz files from a --save-npz flag, or folders of 28x28 PNGs")
     p.add_argument("--n", type=positive_int, default=None,
                    help="score a random subset of N samples (seeded by --seed; default: all). FID depends on N, "
@@ -84,6 +84,13 @@ def parse_args(argv=None):
     if not args.samples and not args.benchmark:
         p.error("give a samples file/folder to score, or --benchmark")
     return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

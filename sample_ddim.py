@@ -60,7 +60,7 @@ RESTART = {"t_min": 100, "t_max": 400}  # restart: the stretch of timesteps walk
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDIM sampling (and inversion) from src.py's trained DDPM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="made by `python src.py`")
     p.add_argument("--sampler", choices=SAMPLERS, nargs="+", default=["ddim"],
                    help="which sampler(s); see the top of this file")
@@ -88,6 +88,13 @@ def parse_args(argv=None):
                    help="export samples (`images` uint8 N x 28 x 28); with several samplers or counts, one file "
                         "each, named after them (PATH_dpmpp-2m_20steps.npz)")
     return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

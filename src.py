@@ -54,7 +54,7 @@ PREVIEW_DIGITS, PREVIEW_STEPS = 16, 50  # the per-epoch preview grid: how many d
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a DDPM on MNIST and sample digits from it.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="folder holding MNIST/raw/ (torchvision layout); downloaded there when online. "
                         "Env var MNIST_ROOT sets the default")
@@ -115,6 +115,13 @@ def parse_args(argv=None):
     p.add_argument("--save-npz", default=None, metavar="PATH",
                    help="also export the samples: `images` uint8 N x 28 x 28, 0-255")
     return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

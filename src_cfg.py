@@ -56,7 +56,7 @@ CLASSIFIER_NAME = "noisy_classifier.pt"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classifier guidance: steer src.py's DDPM to chosen digits.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="made by `python src.py`")
     p.add_argument("--digits", type=digit, nargs="+", default=list(range(10)), help="digits to draw")
     p.add_argument("--scales", type=non_negative_float, nargs="+", default=[3.0, 8.0],
@@ -83,6 +83,13 @@ def parse_args(argv=None):
                    help="export samples: `images` uint8 N x 28 x 28, `labels` = the requested digits, the scale and "
                         "the sampling time; with several --scales one file per scale (PATH_scale3.npz)")
     return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

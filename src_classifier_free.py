@@ -56,7 +56,7 @@ DEFAULT_WEIGHT = 2.5  # the guided weight w: chosen by measurement, every digit 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classifier-free guidance: train a conditional DDPM on MNIST, sample.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="folder holding MNIST/raw/ (torchvision layout); env var MNIST_ROOT")
     p.add_argument("--out-dir", default=".", help="where checkpoints and pictures go")
@@ -92,6 +92,13 @@ def parse_args(argv=None):
                    help="export `images` uint8 N x 28 x 28, `labels`, the weight and the sampling time; one "
                         "file per weight if several (PATH_w3.npz)")
     return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

@@ -54,7 +54,7 @@ PREFIX = "distilled"  # the pictures this chapter writes: distilled_samples.png,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator (knowledge distillation).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
     p.add_argument("--pairs", type=positive_int, default=60000,
                    help="number of cached (noise, teacher digit) pairs; fewer pairs, more epochs = overfitting")
@@ -82,6 +82,13 @@ def parse_args(argv=None):
     p.add_argument("--save-npz", default=None, metavar="PATH",
                    help="export the one-step samples: `images` uint8 N x 28 x 28")
     return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

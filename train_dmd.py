@@ -62,7 +62,7 @@ NOISE_RANGE = (0.02, 0.98)  # the fractions of T between which the generator's d
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator by distribution "
-                                            "matching (DMD).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "matching (DMD).", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start the generator from a kd student (train_distilled.py's distilled_model_final.pt) "
@@ -101,6 +101,13 @@ def parse_args(argv=None):
     p.add_argument("--save-npz", default=None, metavar="PATH",
                    help="export the one-step samples: `images` uint8 N x 28 x 28")
     return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

@@ -52,7 +52,7 @@ PREFIX = "progressive"  # the pictures this chapter writes: progressive_samples.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Distil src.py's DDPM into a one-step generator, halving its steps.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default="diffusion_model_final.pt", help="the teacher, made by `python src.py`")
     p.add_argument("--teacher-steps", type=power_of_two, default=32,
                    help="the first teacher's DDIM steps: a power of 2, halved down to 1 (one stage per halving)")
@@ -86,6 +86,13 @@ def power_of_two(s):
     if int(s) < 2 or int(s) & (int(s) - 1):
         raise argparse.ArgumentTypeError(f"must be a power of 2 >= 2 (it halves down to 1), got {s}")
     return int(s)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds each flag's default, but not a default of None: that flag's help says in words what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def positive_int(s):

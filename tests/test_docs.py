@@ -1,6 +1,6 @@
 """The docs keep their promises: every `python SCRIPT.py ...` command in README.md, RESULTS.md and notes/ names a
 script that exists and flags its parser accepts (parsed, not run); every image link resolves to a file; every
-`file.py:function` reference in notes/ names a function that exists."""
+`file.py:function` reference in notes/ names a function that exists; and no script's --help says "(default: None)"."""
 import glob
 import importlib
 import os
@@ -65,3 +65,12 @@ def test_the_extractor_finds_what_it_should():
             "| `python sample_ddim.py --steps 50` |")
     assert commands(text) == [("src", " --minutes 10"), ("evaluate", " a.npz --n 2000"),
                               ("sample_ddim", " --steps 50")]
+
+
+@pytest.mark.parametrize("script", sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))))
+def test_help_shows_the_defaults_but_never_none(script, capsys):
+    """--help on every script; a flag whose default is None says in words what happens, not "(default: None)"."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: " in text and "(default: None)" not in text
