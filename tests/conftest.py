@@ -97,4 +97,4 @@ def tiny_edm_checkpoint(tiny_mnist, tmp_path_factory):
 def pytest_collection_modifyitems(items):
     """The tests on real MNIST train for a minute or more: start them first, so that with `-n 2` (pytest.ini) the
     other process works through the quick tests meanwhile instead of waiting for them at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("skipif") is not needs_real_mnist.mark)
+    items.sort(key=lambda item: needs_real_mnist.mark not in list(item.iter_markers("skipif")))
