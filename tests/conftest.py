@@ -31,15 +31,13 @@ def refused_flag(main, argv, capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def loss_before_and_after(loss_fn, params, steps, lr=2e-3, opt=None):
-    """loss_fn() before and after `steps` optimizer steps on it (AdamW unless `opt` is given): does training move
-    the loss the right way?"""
-    opt = opt or torch.optim.AdamW(params, lr=lr)
+def loss_before_and_after(loss_fn, optimizer, steps):
+    """loss_fn() before and after `steps` steps of the optimizer on it: does training move the loss the right way?"""
     before = loss_fn().item()
     for _ in range(steps):
-        opt.zero_grad()
+        optimizer.zero_grad()
         loss_fn().backward()
-        opt.step()
+        optimizer.step()
     return before, loss_fn().item()
 
 
