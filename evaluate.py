@@ -497,7 +497,7 @@ def benchmark(args, device):
         fail(f"--benchmark needs {ddpm_path} - run `python src.py` first (or pass --out-dir)")
     ckpt = src.load_checkpoint(ddpm_path, device)
     unet = src.model_from_checkpoint(ckpt, ddpm_path).to(device).eval()
-    bf16 = src.use_bf16("auto", device)
+    bf16 = src.use_bf16("auto", device)[0]
     sched = {k: v.to(device) for k, v in src.ddpm_schedule(**ckpt["config"]["schedule"]).items()}
     b = args.batch_size
     x_T = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)

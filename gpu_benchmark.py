@@ -78,8 +78,8 @@ def summary(ckpt, scores, bench, device):
     """(what, measured) rows: the device, the model, its training speed, the two FIDs, each sampler's speed."""
     speed, config = ckpt["throughput"], ckpt["config"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else device.type
-    rows = [("device", f"{name}, torch {torch.__version__}, "
-                       f"bf16 autocast {'on' if src.use_bf16('auto', device) else 'off'}"),
+    bf16, bf16_why = src.use_bf16("auto", device)
+    rows = [("device", f"{name}, torch {torch.__version__}, bf16 autocast {'on' if bf16 else 'off'} ({bf16_why})"),
             ("model", f"UNet base width {config['base_channels']}, attention {'on' if config['attention'] else 'off'}"),
             ("training", f"{ckpt['step']} steps ({ckpt['epoch']} epochs) in {speed['seconds'] / 60:.1f} min, "
                          f"{speed['images_per_second']:.0f} img/s")]

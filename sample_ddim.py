@@ -128,15 +128,30 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
+    """The native bf16 instruction sets this CPU lists (x86: avx512_bf16, amx_bf16), read from Linux's cpuinfo.
+    Empty where the file is missing (macOS, Windows) or lists none: then bf16 would be emulated, or we cannot tell."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+    return flags & {"avx512_bf16", "amx_bf16"}
+
+
 def use_bf16(choice, device):
-    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
+    """bfloat16 autocast, and why: returns (on, reason). Faster on GPUs and on CPUs with native bf16 instructions.
+    PyTorch's own check says yes on any AVX-512 CPU, but without avx512_bf16 it emulates bf16, 2.5x slower than
+    float32 (on AVX2 alone, 10x): so auto asks the CPU's flags. MPS stays float32."""
     if choice != "auto":
-        return choice == "on"
+        return choice == "on", f"--bf16 {choice}"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
+        on = torch.cuda.is_bf16_supported()
+        return on, f"this GPU {'has' if on else 'lacks'} bf16"
+    native = cpu_bf16_flags() if device.type == "cpu" and torch.backends.mkldnn.is_available() else set()
+    if native:
+        return True, f"the CPU has {' and '.join(sorted(native))}"
+    return False, "float32 on MPS" if device.type == "mps" else "no native bf16 on this CPU: emulated, it is slower"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,11 +361,15 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
 # ----------------------------------------------------------------------------------------------------
 # 5. Sampling: the DDIM update, and its inverse
 # ----------------------------------------------------------------------------------------------------
-def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
-    the digits would keep the little noise that is left at the last visited t.
+def ddim_timesteps(K, alpha_bar, spacing="uniform"):
+    """The timesteps visited (at most K, from T-1 down; T = len(alpha_bar)). After the last one comes a final step to
+    x_0 (ᾱ = 1): without it, the digits would keep the little noise that is left at the last visited t.
     uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
-    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided.
+    A visit whose ᾱ equals the one before is dropped: the cosine schedule floors ᾱ, so t = 995..999 are ONE noise
+    level, and a step between two of them has length 0 (DPM-Solver would divide by it). So above ~220 calls the
+    cosine schedule gets up to 4 fewer calls than K; the schedule itself stays, and so do the checkpoints trained on it."""
+    T = len(alpha_bar)
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
     elif spacing == "trailing":
@@ -359,7 +378,8 @@ def ddim_timesteps(K, T=1000, spacing="uniform"):
         steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
         for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
             steps[i] = max(steps[i], steps[i + 1] + 1)
-    return steps.tolist()
+    steps = steps.tolist()
+    return [t for i, t in enumerate(steps) if i == 0 or alpha_bar[t] > alpha_bar[steps[i - 1]]]
 
 
 def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
@@ -376,9 +396,8 @@ def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
 
 @torch.no_grad()
 def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
-    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is exactly DDPM."""
-    T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(steps, T, spacing)
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2)."""
+    timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)
     one = torch.ones((), device=x_T.device)
     x = x_T
     for i, t in enumerate(tqdm(timesteps, desc=f"DDIM {steps} steps", disable=not progress, leave=False)):
@@ -397,8 +416,7 @@ def invert_ddim(model, sched, x0, steps, spacing="uniform", bf16=False):
     """DDIM inversion: run the deterministic (η=0) update backwards, x_0 -> x_T. Possible only because η=0
     makes sampling a deterministic ODE: every digit has "its" noise. Approximation: ε_θ is evaluated at the
     next, noisier timestep (we don't know x there yet), which is accurate when steps are small."""
-    T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(steps, T, spacing)[::-1]  # ascending: 0 ... 999
+    timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)[::-1]  # ascending: 0 ... 999
     x = x0
     alpha_bar = torch.ones((), device=x0.device)  # x_0 is clean: ᾱ = 1
     for t in timesteps:
@@ -473,7 +491,7 @@ def dpmpp_solve(model, sched, x, timesteps, alpha_bar_end, stochastic, bf16, gen
 def sample_dpmpp(model, sched, x_T, steps, stochastic=False, spacing="uniform", bf16=False, generator=None,
                  progress=True):
     """DPM-Solver++(2M) from the noise x_T to digits in `steps` model calls (stochastic=True: the SDE)."""
-    timesteps = ddim_timesteps(steps, sched["alpha_bar"].shape[0], spacing)
+    timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)
     one = torch.ones((), device=x_T.device)  # ᾱ = 1: the last step lands on x_0
     name = "DPM-Solver++(2M) SDE" if stochastic else "DPM-Solver++(2M)"
     with tqdm(total=steps, desc=f"{name} {steps} steps", disable=not progress, leave=False) as bar:
@@ -489,9 +507,8 @@ def sample_restart(model, sched, x_T, steps, spacing="uniform", bf16=False, gene
     3. Walk the stretch t_max -> t_min again (the remaining 1/5 of the calls), where this model's errors enter.
     4. Carry on down the usual path to x_0.
     Each stretch is one dpmpp_solve walk, so each ends with a first-order step that adds no fresh noise."""
-    T = sched["alpha_bar"].shape[0]
     restart_calls = max(1, steps // 5)
-    path = ddim_timesteps(steps - restart_calls, T, spacing)
+    path = ddim_timesteps(steps - restart_calls, sched["alpha_bar"], spacing)
     k = next((i for i, t in enumerate(path) if t <= RESTART["t_min"]), len(path) - 1)  # first visit <= t_min
     t_min, t_max = path[k], RESTART["t_max"]
     again = np.linspace(t_max, t_min + 1, restart_calls).round().astype(int).tolist()  # the stretch, walked again
@@ -597,7 +614,7 @@ def save_inversion(model, sched, args, device, bf16, n=6, steps=100):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    bf16 = use_bf16(args.bf16, device)
+    bf16, bf16_why = use_bf16(args.bf16, device)
     ckpt = load_checkpoint(args.checkpoint, device)
     T = ckpt["config"]["schedule"]["T"]
     if any(k > T for k in args.steps):
@@ -610,7 +627,7 @@ def main(argv=None):
         fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
     model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
     sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
-    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}) | {args.checkpoint}: "
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}: {bf16_why}) | {args.checkpoint}: "
           f"step {ckpt['step']}, EMA weights | {', '.join(args.sampler)}, eta {args.eta:g} (ddim), "
           f"{args.spacing} spacing")
 

@@ -129,15 +129,30 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
+    """The native bf16 instruction sets this CPU lists (x86: avx512_bf16, amx_bf16), read from Linux's cpuinfo.
+    Empty where the file is missing (macOS, Windows) or lists none: then bf16 would be emulated, or we cannot tell."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+    return flags & {"avx512_bf16", "amx_bf16"}
+
+
 def use_bf16(choice, device):
-    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
+    """bfloat16 autocast, and why: returns (on, reason). Faster on GPUs and on CPUs with native bf16 instructions.
+    PyTorch's own check says yes on any AVX-512 CPU, but without avx512_bf16 it emulates bf16, 2.5x slower than
+    float32 (on AVX2 alone, 10x): so auto asks the CPU's flags. MPS stays float32."""
     if choice != "auto":
-        return choice == "on"
+        return choice == "on", f"--bf16 {choice}"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
+        on = torch.cuda.is_bf16_supported()
+        return on, f"this GPU {'has' if on else 'lacks'} bf16"
+    native = cpu_bf16_flags() if device.type == "cpu" and torch.backends.mkldnn.is_available() else set()
+    if native:
+        return True, f"the CPU has {' and '.join(sorted(native))}"
+    return False, "float32 on MPS" if device.type == "mps" else "no native bf16 on this CPU: emulated, it is slower"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,11 +470,15 @@ def classifier_accuracy_by_noise(classifier, sched, args, device, timesteps=(0, 
 # ----------------------------------------------------------------------------------------------------
 # 5. Guided sampling
 # ----------------------------------------------------------------------------------------------------
-def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
-    the digits would keep the little noise that is left at the last visited t.
+def ddim_timesteps(K, alpha_bar, spacing="uniform"):
+    """The timesteps visited (at most K, from T-1 down; T = len(alpha_bar)). After the last one comes a final step to
+    x_0 (ᾱ = 1): without it, the digits would keep the little noise that is left at the last visited t.
     uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
-    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided.
+    A visit whose ᾱ equals the one before is dropped: the cosine schedule floors ᾱ, so t = 995..999 are ONE noise
+    level, and a step between two of them has length 0 (DPM-Solver would divide by it). So above ~220 calls the
+    cosine schedule gets up to 4 fewer calls than K; the schedule itself stays, and so do the checkpoints trained on it."""
+    T = len(alpha_bar)
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
     elif spacing == "trailing":
@@ -468,7 +487,8 @@ def ddim_timesteps(K, T=1000, spacing="uniform"):
         steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
         for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
             steps[i] = max(steps[i], steps[i + 1] + 1)
-    return steps.tolist()
+    steps = steps.tolist()
+    return [t for i, t in enumerate(steps) if i == 0 or alpha_bar[t] > alpha_bar[steps[i - 1]]]
 
 
 def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
@@ -539,7 +559,7 @@ def sample_guided(model, classifier, sched, x_T, y, scale, steps, sampler=DEFAUL
     """Any --sampler, with the classifier-guided noise prediction ε̂, in `steps` network calls (ddpm: all T)."""
     second_order, eta = SAMPLERS[sampler]
     T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, T)
+    timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, sched["alpha_bar"])
     alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
     x, previous = x_T, None
     for i, t in enumerate(tqdm(timesteps, desc=f"guided sampling, scale {scale:g}", disable=not progress,
@@ -595,7 +615,7 @@ def save_npz(args, scale, images, y, sampler_name, seconds):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    bf16 = use_bf16(args.bf16, device)
+    bf16, bf16_why = use_bf16(args.bf16, device)
     ckpt = load_checkpoint(args.checkpoint, device)
     schedule = ckpt["config"]["schedule"]
     T = schedule["T"]
@@ -606,6 +626,7 @@ def main(argv=None):
     except OSError as e:
         fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
     model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'}: {bf16_why}) | model {args.checkpoint}")
     sched = {k: v.to(device) for k, v in ddpm_schedule(**schedule).items()}
     torch.manual_seed(args.seed)
     classifier = get_classifier(args, schedule, sched, device, bf16)

@@ -132,15 +132,30 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_bf16_flags(cpuinfo="/proc/cpuinfo"):
+    """The native bf16 instruction sets this CPU lists (x86: avx512_bf16, amx_bf16), read from Linux's cpuinfo.
+    Empty where the file is missing (macOS, Windows) or lists none: then bf16 would be emulated, or we cannot tell."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+    return flags & {"avx512_bf16", "amx_bf16"}
+
+
 def use_bf16(choice, device):
-    """bfloat16 autocast: faster on GPUs and on CPUs with native bf16 instructions; float32 elsewhere (MPS)."""
+    """bfloat16 autocast, and why: returns (on, reason). Faster on GPUs and on CPUs with native bf16 instructions.
+    PyTorch's own check says yes on any AVX-512 CPU, but without avx512_bf16 it emulates bf16, 2.5x slower than
+    float32 (on AVX2 alone, 10x): so auto asks the CPU's flags. MPS stays float32."""
     if choice != "auto":
-        return choice == "on"
+        return choice == "on", f"--bf16 {choice}"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
+        on = torch.cuda.is_bf16_supported()
+        return on, f"this GPU {'has' if on else 'lacks'} bf16"
+    native = cpu_bf16_flags() if device.type == "cpu" and torch.backends.mkldnn.is_available() else set()
+    if native:
+        return True, f"the CPU has {' and '.join(sorted(native))}"
+    return False, "float32 on MPS" if device.type == "mps" else "no native bf16 on this CPU: emulated, it is slower"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,11 +372,15 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
 # ----------------------------------------------------------------------------------------------------
 # 5. Distillation: the teacher's DDIM step, the two-step target, the loss and the stages
 # ----------------------------------------------------------------------------------------------------
-def ddim_timesteps(K, T=1000, spacing="uniform"):
-    """The K timesteps visited, from T-1 down. After the last one comes a final step to x_0 (ᾱ = 1): without it,
-    the digits would keep the little noise that is left at the last visited t.
+def ddim_timesteps(K, alpha_bar, spacing="uniform"):
+    """The timesteps visited (at most K, from T-1 down; T = len(alpha_bar)). After the last one comes a final step to
+    x_0 (ᾱ = 1): without it, the digits would keep the little noise that is left at the last visited t.
     uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
-    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided."""
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided.
+    A visit whose ᾱ equals the one before is dropped: the cosine schedule floors ᾱ, so t = 995..999 are ONE noise
+    level, and a step between two of them has length 0 (DPM-Solver would divide by it). So above ~220 calls the
+    cosine schedule gets up to 4 fewer calls than K; the schedule itself stays, and so do the checkpoints trained on it."""
+    T = len(alpha_bar)
     if spacing == "uniform":
         steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
     elif spacing == "trailing":
@@ -370,7 +389,8 @@ def ddim_timesteps(K, T=1000, spacing="uniform"):
         steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
         for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
             steps[i] = max(steps[i], steps[i + 1] + 1)
-    return steps.tolist()
+    steps = steps.tolist()
+    return [t for i, t in enumerate(steps) if i == 0 or alpha_bar[t] > alpha_bar[steps[i - 1]]]
 
 
 def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
@@ -387,9 +407,8 @@ def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
 
 @torch.no_grad()
 def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
-    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is exactly DDPM."""
-    T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(steps, T, spacing)
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2)."""
+    timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)
     one = torch.ones((), device=x_T.device)
     x = x_T
     for i, t in enumerate(tqdm(timesteps, desc=f"DDIM {steps} steps", disable=not progress, leave=False)):
@@ -508,8 +527,8 @@ def resume(path, args, student, teacher, state, device):
 
 def train_stage(args, stage, student, teacher, data, sched, state, device, bf16, deadline):
     """One halving: the student learns ONE step over each pair of the teacher's DDIM steps. Returns True if done."""
-    K, T = args.teacher_steps, sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(K, T)[::2 ** stage]  # this stage's teacher: DDIM-K's timesteps, every 2^stage-th one
+    K = args.teacher_steps
+    timesteps = ddim_timesteps(K, sched["alpha_bar"])[::2 ** stage]  # this stage's teacher: DDIM-K's timesteps, every 2^stage-th one
     t_seq = torch.tensor(timesteps, device=device)
     abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1, device=device)])  # ᾱ = 1 after the last one
     predicts = "epsilon" if stage == 0 else "x0"  # src.py's UNet predicts ε; every student predicts x_0
@@ -661,7 +680,7 @@ def save_outputs(args, student, teacher, sched, device, bf16, losses, teacher_st
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    bf16 = use_bf16(args.bf16, device)
+    bf16, bf16_why = use_bf16(args.bf16, device)
     torch.manual_seed(args.seed)
     ckpt = load_checkpoint(args.checkpoint, device)
     T = ckpt["config"]["schedule"]["T"]
@@ -673,7 +692,7 @@ def main(argv=None):
         fail(f"cannot create --out-dir {args.out_dir} ({e.strerror})")
     teacher = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
     sched = {k: v.to(device) for k, v in ddpm_schedule(**ckpt["config"]["schedule"]).items()}
-    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'} for the student) | teacher {args.checkpoint} "
+    print(f"device {device} (bf16 autocast {'on' if bf16 else 'off'} for the student: {bf16_why}) | teacher {args.checkpoint} "
           f"(step {ckpt['step']}) | {args.teacher_steps} -> 1 steps")
     if args.sample_only:
         path = os.path.join(args.out_dir, FINAL_NAME)

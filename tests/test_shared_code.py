@@ -11,7 +11,7 @@ import src
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAPTERS = ["sample_ddim", "src_cfg", "train_distilled", "train_progressive", "train_dmd", "src_classifier_free"]
 SHARED_WITH_SRC = ["HelpFormatter", "ddpm_schedule", "timestep_embedding", "ResBlock", "SelfAttention", "UNet",
-                   "build_model", "load_checkpoint", "model_from_checkpoint", "fail", "pick_device", "use_bf16",
+                   "build_model", "load_checkpoint", "model_from_checkpoint", "fail", "pick_device", "cpu_bf16_flags", "use_bf16",
                    "load_mnist", "to_model_range", "to_uint8", "q_sample", "diffusion_loss", "save_atomic",
                    "save_grid", "EMA", "learning_rate", "positive_int", "positive_float", "ema_decay"]
 SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step", "sample_ddim", "log_snr", "dpmpp_2m_step", "solver_step", "clock"]

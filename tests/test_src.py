@@ -357,6 +357,17 @@ def test_the_default_recipe_depends_on_the_width_and_schedule(flags, recipe, tin
     assert seen == [recipe]
 
 
+@pytest.mark.parametrize("device, width", [("cpu", 16), ("mps", 16), ("cuda", 64)])
+def test_a_mac_gets_the_laptop_recipe_and_only_cuda_the_wide_one(device, width, tiny_mnist, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(src, "pick_device", lambda name: torch.device(device))
+    monkeypatch.setattr(src, "use_bf16", lambda choice, dev: (False, "test"))
+    monkeypatch.setattr(src, "train", lambda args, config, *_: seen.append(config["base_channels"]) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        src.main(["--data-root", tiny_mnist, "--out-dir", str(tmp_path)])
+    assert seen == [width]
+
+
 def test_cli_end_to_end_in_a_subprocess(tiny_mnist, tmp_path):
     """What a learner types, with --minutes as the stop: trains, saves, samples, exits 0."""
     result = subprocess.run([sys.executable, "src.py", "--data-root", tiny_mnist, "--out-dir", str(tmp_path),
@@ -475,3 +486,26 @@ def test_interrupted_run_saves_a_resumable_checkpoint_and_no_final(tiny_mnist, t
     assert exc.value.code == 130
     assert torch.load(tmp_path / "diffusion_model_last.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "diffusion_model_final.pt").exists()
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu avx2 avx512f avx512bw", set()),  # AVX-512 without bf16: PyTorch would emulate it, 2.5x slower
+    ("fpu avx2 avx512f avx512_bf16", {"avx512_bf16"}),
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", {"avx512_bf16", "amx_bf16"}),
+    ("fpu sse4_2 avx2", set())])  # AVX2 only: 10x slower emulated
+def test_bf16_auto_asks_the_cpus_own_flags(tmp_path, monkeypatch, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nflags\t\t: {flags}\n")
+    assert src.cpu_bf16_flags(str(cpuinfo)) == native
+    monkeypatch.setattr(src, "cpu_bf16_flags", lambda: native)
+    on, why = src.use_bf16("auto", torch.device("cpu"))
+    assert on == (bool(native) and torch.backends.mkldnn.is_available())
+    assert ("the CPU has" if on else "no native bf16") in why
+
+
+def test_bf16_is_off_where_the_cpu_cannot_be_read_and_on_mps(tmp_path):
+    assert src.cpu_bf16_flags(str(tmp_path / "missing")) == set()  # macOS, Windows: no /proc/cpuinfo
+    assert src.use_bf16("auto", torch.device("mps")) == (False, "float32 on MPS")
+    assert src.use_bf16("on", torch.device("cpu")) == (True, "--bf16 on")
+    assert src.use_bf16("off", torch.device("cpu")) == (False, "--bf16 off")

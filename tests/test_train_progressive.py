@@ -21,7 +21,7 @@ def teacher(tiny_checkpoint):
 @pytest.mark.parametrize("j,predicts", [(0, "epsilon"), (2, "epsilon"), (2, "x0")])
 def test_progressive_target_makes_one_step_equal_two_teacher_steps(teacher, j, predicts):
     model, sched = teacher
-    t_seq = torch.tensor(tp.ddim_timesteps(4))  # teacher: 4 steps, student: 2
+    t_seq = torch.tensor(tp.ddim_timesteps(4, sched["alpha_bar"]))  # teacher: 4 steps, student: 2
     abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1)])
     torch.manual_seed(0)
     x_t = torch.randn(3, 1, 28, 28)
@@ -41,7 +41,7 @@ def test_why_the_target_is_computed_in_float32(teacher):
     """At the first student step the division by α'' - (σ''/σ)α ≈ 0.0055 magnifies the teacher's rounding: with
     the teacher in bf16 the target would move visibly. (train_stage calls it outside the student's autocast.)"""
     model, sched = teacher
-    t_seq = torch.tensor(tp.ddim_timesteps(32))
+    t_seq = torch.tensor(tp.ddim_timesteps(32, sched["alpha_bar"]))
     abar_seq = torch.cat([sched["alpha_bar"][t_seq], torch.ones(1)])
     x_t = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     j = torch.zeros(8, dtype=torch.long)
