@@ -129,7 +129,7 @@ def load_mnist(root, train=True):
     except Exception as e:  # offline, or a broken download
         fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
              f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
-             f"--data-root DIR (e.g. ../shared/data)")
+             f"--data-root DIR (or set MNIST_ROOT=DIR) for a folder DIR/MNIST/raw that holds them")
     return ds.data, ds.targets
 
 
@@ -223,7 +223,6 @@ def train_network(kind, args, device, path):
     """Trains one reference network on MNIST-train; caches it with its MNIST-test features and their statistics."""
     torch.manual_seed(args.seed)
     train_x, train_y = load_mnist(args.data_root, train=True)
-    test_x, test_y = load_mnist(args.data_root, train=False)
     model = MnistClassifier(kind).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     epochs = args.classifier_epochs * EPOCH_FACTOR[kind]
@@ -246,19 +245,35 @@ def train_network(kind, args, device, path):
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    logits, feats = classify(model, test_x, device)
-    accuracy = (logits.argmax(1) == test_y).float().mean().item()
-    mu, sigma = feature_stats(feats)
-    ckpt = {"kind": "mnist_classifier", "network": kind, "model": model.state_dict(), "test_accuracy": accuracy,
-            "test_mu": mu, "test_sigma": sigma, "test_features": feats}
+    ckpt = {"kind": "mnist_classifier", "network": kind, "model": model.state_dict(),
+            **test_statistics(model, args, device)}
     save_atomic(ckpt, path)
-    print(f"reference {kind}: {accuracy:.2%} MNIST-test accuracy, cached in {path}", file=sys.stderr)
+    print(f"reference {kind}: {ckpt['test_accuracy']:.2%} MNIST-test accuracy, cached in {path}", file=sys.stderr)
     return ckpt
 
 
+def test_statistics(model, args, device):
+    """The network's accuracy on the 10k MNIST-test digits, their features and the features' mean and covariance:
+    what every FID, precision and recall compares with (a few seconds)."""
+    test_x, test_y = load_mnist(args.data_root, train=False)
+    logits, feats = classify(model, test_x, device)
+    mu, sigma = feature_stats(feats)
+    return {"test_accuracy": (logits.argmax(1) == test_y).float().mean().item(), "test_mu": mu, "test_sigma": sigma,
+            "test_features": feats}
+
+
 def load_network(kind, args, device):
-    """One cached reference network (trained first if missing, unreadable, from an older version, or --retrain)."""
+    """One reference network: cached in --out-dir, else the one shipped in weights/ (its test features recomputed
+    and cached), else trained - and trained again if unreadable, from an older version, or with --retrain."""
     path = os.path.join(args.out_dir, NETWORKS[kind])
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", NETWORKS[kind])
+    if not os.path.isfile(path) and os.path.isfile(shipped) and not args.retrain:
+        ckpt = torch.load(shipped, map_location="cpu", weights_only=True)
+        model = MnistClassifier(kind).to(device)
+        model.load_state_dict(ckpt["model"])
+        print(f"reference {kind}: the shipped weights/{NETWORKS[kind]} (--retrain trains your own)", file=sys.stderr)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_atomic({**ckpt, **test_statistics(model.eval(), args, device)}, path)
     ckpt = None
     if os.path.isfile(path) and not args.retrain:
         try:

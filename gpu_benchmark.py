@@ -2,7 +2,7 @@
 The GPU path, measured: src.py's defaults trained, sampled, scored and timed on this machine - one table.
 
 Usage (copy-paste):
-    python gpu_benchmark.py --data-root ../shared/data         # on a CUDA GPU: about 8 minutes
+    python gpu_benchmark.py --data-root DIR                    # on a CUDA GPU: about 8 minutes
     python gpu_benchmark.py --minutes 30                       # room for the 20-epoch default on a slower GPU
     python gpu_benchmark.py --device cpu --tiny                # every step in seconds, tiny settings (the tests)
 

@@ -3,13 +3,15 @@ Chapter 3 - fast sampling: the same trained model, 20x-100x fewer network calls 
 
 Usage (copy-paste):
     python sample_ddim.py                           # DDIM grids at 20, 50, 100 calls + DDPM-1000, a timing table
+    python sample_ddim.py --steps 50 --gif denoising.gif   # noise becoming digits, one frame per call
     python sample_ddim.py --steps 50 --eta 1        # the same 50 calls with fresh noise at every step
     python sample_ddim.py --sampler ddim dpmpp-2m dpmpp-2m-sde --steps 10 20 50   # one figure row per pair
     python sample_ddim.py --sampler dpmpp-2m-sde --steps 20 --num-samples 2000 --save-npz s20.npz   # for evaluate.py
 
-It loads diffusion_model_final.pt from `python src.py` (EMA weights) and rebuilds the exact UNet from the config
-stored inside. Nothing is retrained: a sampler is only a way to walk from noise to a digit. --steps K always
-means K network calls, whatever the sampler.
+It loads diffusion_model_final.pt from `python src.py` (EMA weights) - or, until you have trained one, the copy
+shipped in weights/ - and rebuilds the exact UNet from the config stored inside. Nothing is retrained: a sampler
+is only a way to walk from noise to a digit. --steps K means K network calls, whatever the sampler (above ~220
+calls the cosine schedule gets up to 4 fewer: its t = 995..999 are one noise level, visited once).
 
 Samplers (--sampler):
     ddim          Song et al. 2021. --eta 0: deterministic (an ODE); --eta 1: DDPM's ancestral step, strided.
@@ -20,9 +22,11 @@ Samplers (--sampler):
 
 What comes out (in --out-dir):
     {sampler}_samples_{K}_steps.png a grid for each sampler and call count K (the same starting noise for all)
-    ddpm_samples_1000_steps.png     the 1000-step ancestral sampler of src.py, same starting noise (one batch)
-    ddim_comparison.png             rows = samplers, columns = the same noise: the digits converge
+    ddpm_samples_1000_steps.png     the 1000-step ancestral sampler of src.py, the first 10 of the same noises
+    ddim_comparison.png             rows = samplers, columns = the same noise: deterministic rows (DDIM η = 0,
+                                    dpmpp-2m) keep one digit per column; stochastic rows may draw another
     ddim_inversion.png              real digit -> noise (deterministic ODE) -> reconstruction
+    --gif PATH                      16 digits from noise to digit, one frame per network call
 
 What we learned:
   * DDPM's reverse step is random; DDIM shows that a whole family of samplers shares the SAME training objective,
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 matplotlib.use("Agg")  # draw into files: no window, works on a machine without a screen
@@ -56,6 +60,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 # ----------------------------------------------------------------------------------------------------
 SAMPLERS = ["ddim", "dpmpp-2m", "dpmpp-2m-sde", "restart"]
 RESTART = {"t_min": 100, "t_max": 400}  # restart: the stretch of timesteps walked twice (see sample_restart)
+COLUMNS = 10  # digits per row of the same-noise comparison figure (and of the 1000-step reference row)
 
 
 def parse_args(argv=None):
@@ -74,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="images per network call (a huge batch is slower on a CPU: it falls out of the caches)")
     p.add_argument("--no-ddpm", action="store_true",
-                   help="skip the 1000-step DDPM reference row (drawn for one batch only: figure and timing)")
+                   help=f"skip the 1000-step DDPM reference row (drawn for the figure's {COLUMNS} columns only)")
     p.add_argument("--no-inversion", action="store_true", help="skip the DDIM inversion figure")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
                    help="MNIST (torchvision layout) for the inversion figure's real digits; env var MNIST_ROOT")
@@ -84,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
     p.add_argument("--out-dir", default=".", help="where pictures go")
+    p.add_argument("--gif", default=None, metavar="PATH",
+                   help="also an animated GIF: 16 digits from noise to digit, one frame per call of the first "
+                        "--sampler/--steps pair (DDIM for restart)")
     p.add_argument("--save-npz", default=None, metavar="PATH",
                    help="export samples (`images` uint8 N x 28 x 28); with several samplers or counts, one file "
                         "each, named after them (PATH_dpmpp-2m_20steps.npz)")
@@ -165,7 +173,7 @@ def load_mnist(root, train=True):
     except Exception as e:  # offline, or a broken download
         fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
              f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
-             f"--data-root DIR (e.g. ../shared/data)")
+             f"--data-root DIR (or set MNIST_ROOT=DIR) for a folder DIR/MNIST/raw that holds them")
     return ds.data, ds.targets
 
 
@@ -336,7 +344,14 @@ def build_model(config):
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
     """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
-    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it.
+    Your own run comes first; a default name (no folder) that you have not trained yet falls back to the copy
+    shipped in weights/, and says so."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", os.path.basename(path))
+    if not os.path.isfile(path) and os.path.dirname(path) in ("", ".") and os.path.isfile(shipped):
+        print(f"no {path} of your own: using the shipped weights/{os.path.basename(path)} "
+              f"(`python {script}` trains yours)", file=sys.stderr)
+        path = shipped
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
@@ -395,8 +410,10 @@ def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
 
 
 @torch.no_grad()
-def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
-    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2)."""
+def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True,
+                frames=None):
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2).
+    frames: a list that gets x after every call (for an animation)."""
     timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)
     one = torch.ones((), device=x_T.device)
     x = x_T
@@ -408,6 +425,8 @@ def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False
         alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
         x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+        if frames is not None:
+            frames.append(x)
     return x
 
 
@@ -574,7 +593,7 @@ def print_timing(results, T, batches, device):
     print(f"({batches} on {device}; warm-up excluded)\n")
 
 
-def save_comparison(results, path, columns=10):
+def save_comparison(results, path, columns=COLUMNS):
     """Rows = samplers, columns = the same starting noise."""
     columns = min(columns, len(results[0][2]))
     fig, axes = plt.subplots(len(results), columns, figsize=(columns, len(results) * 1.1), squeeze=False)
@@ -589,9 +608,8 @@ def save_comparison(results, path, columns=10):
     plt.close(fig)
 
 
-def save_inversion(model, sched, args, device, bf16, n=6, steps=100):
+def save_inversion(model, sched, images, args, device, bf16, n=6, steps=100):
     """original -> DDIM-inverted noise -> reconstruction from that noise."""
-    images, _ = load_mnist(args.data_root, train=False)
     x0 = to_model_range(images[:n]).to(device)
     x_T = invert_ddim(model, sched, x0, steps, args.spacing, bf16)
     recon = sample_ddim(model, sched, x_T, steps, 0.0, args.spacing, bf16, progress=False)
@@ -609,6 +627,20 @@ def save_inversion(model, sched, args, device, bf16, n=6, steps=100):
     fig.suptitle(f"DDIM inversion, {steps} steps: mean abs error {error:.3f}", fontsize=9)
     fig.savefig(os.path.join(args.out_dir, "ddim_inversion.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def save_gif(model, sched, x_T, args, bf16, path, n=16, hold=12):
+    """Noise becoming digits: x_t of n digits after every DDIM call of the first --sampler/--steps pair (its η for
+    ddim; the ODE, η = 0, otherwise), the digits shown small, as they are, then held still for a moment."""
+    from PIL import Image  # torchvision's own dependency
+    frames, steps = [x_T[:n]], args.steps[0]
+    eta = args.eta if args.sampler[0] == "ddim" else 0.0
+    sample_ddim(model, sched, x_T[:n], steps, eta, args.spacing, bf16, progress=False, frames=frames)
+    pictures = [Image.fromarray(make_grid(to_uint8(x).unsqueeze(1), nrow=4, padding=2, pad_value=255)[0].numpy())
+                for x in frames]
+    pictures = [p.resize((2 * p.width, 2 * p.height), Image.NEAREST) for p in pictures + [pictures[-1]] * hold]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=100, loop=0, optimize=True)
+    print(f"wrote {path} ({len(frames)} frames, {os.path.getsize(path) / 1e3:.0f} kB)")
 
 
 def main(argv=None):
@@ -639,8 +671,8 @@ def main(argv=None):
 
     eta_note = f" (η={args.eta:g})"
     runs = [(f"{s} {k} steps{eta_note if s == 'ddim' else ''}", s, k, x_T) for s in args.sampler for k in args.steps]
-    if not args.no_ddpm:  # the reference: one batch only, enough for the figure's columns and the timing table
-        runs.append((f"DDPM {T} steps (ancestral)", "ddpm", T, x_T[:args.batch_size]))
+    if not args.no_ddpm:  # the reference, for the figure's columns only: 1000 calls cost minutes for a full grid
+        runs.append((f"DDPM {T} steps (ancestral, {min(COLUMNS, len(x_T))} digits)", "ddpm", T, x_T[:COLUMNS]))
     results = []
     for label, sampler, steps, noise in runs:
         noise_gen = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(args.seed + 1)
@@ -654,8 +686,15 @@ def main(argv=None):
             save_npz(npz_path(args.save_npz, sampler, steps, args), images)
     print_timing(results, T, f"{len(x_T)} images in batches of {args.batch_size}", device)
     save_comparison(results, os.path.join(args.out_dir, "ddim_comparison.png"))
+    if args.gif:
+        save_gif(model, sched, x_T, args, bf16, args.gif)
     if not args.no_inversion:
-        save_inversion(model, sched, args, device, bf16)
+        try:  # real digits to invert: MNIST-test, downloaded on first use
+            images, _ = load_mnist(args.data_root, train=False)
+        except SystemExit as e:  # offline and no --data-root: the samples above are still worth having
+            print(f"skipped the inversion figure: {e.code}")
+        else:
+            save_inversion(model, sched, images, args, device, bf16)
     print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
 

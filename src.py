@@ -4,7 +4,7 @@ Chapter 1 - train a DDPM (Ho et al. 2020) on MNIST from scratch, then draw digit
 Usage (copy-paste):
     python src.py --minutes 10                      # laptop CPU: ten minutes of training, then pictures
     python src.py                                   # CUDA GPU: the full default run (best quality)
-    python src.py --data-root ../shared/data --minutes 10 --out-dir runs/cpu10
+    python src.py --data-root DIR --minutes 10 --out-dir runs/cpu10  # MNIST in DIR/MNIST/raw, results in runs/
     python src.py --resume                          # continue the run saved in diffusion_model_last.pt
     python src.py --sample-only --num-samples 64    # draw again from diffusion_model_final.pt
 
@@ -199,7 +199,7 @@ def load_mnist(root, train=True):
     except Exception as e:  # offline, or a broken download
         fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
              f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
-             f"--data-root DIR (e.g. ../shared/data)")
+             f"--data-root DIR (or set MNIST_ROOT=DIR) for a folder DIR/MNIST/raw that holds them")
     return ds.data, ds.targets
 
 
@@ -370,7 +370,14 @@ def build_model(config):
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
     """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
-    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it.
+    Your own run comes first; a default name (no folder) that you have not trained yet falls back to the copy
+    shipped in weights/, and says so."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", os.path.basename(path))
+    if not os.path.isfile(path) and os.path.dirname(path) in ("", ".") and os.path.isfile(shipped):
+        print(f"no {path} of your own: using the shipped weights/{os.path.basename(path)} "
+              f"(`python {script}` trains yours)", file=sys.stderr)
+        path = shipped
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:

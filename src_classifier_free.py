@@ -187,7 +187,7 @@ def load_mnist(root, train=True):
     except Exception as e:  # offline, or a broken download
         fail(f"MNIST not found in {os.path.abspath(root)}/MNIST/raw and it could not be downloaded "
              f"({type(e).__name__}). Get online once, or put the four MNIST files there, or pass "
-             f"--data-root DIR (e.g. ../shared/data)")
+             f"--data-root DIR (or set MNIST_ROOT=DIR) for a folder DIR/MNIST/raw that holds them")
     return ds.data, ds.targets
 
 
@@ -372,7 +372,14 @@ def build_conditional_model(config):
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
     """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
-    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it.
+    Your own run comes first; a default name (no folder) that you have not trained yet falls back to the copy
+    shipped in weights/, and says so."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", os.path.basename(path))
+    if not os.path.isfile(path) and os.path.dirname(path) in ("", ".") and os.path.isfile(shipped):
+        print(f"no {path} of your own: using the shipped weights/{os.path.basename(path)} "
+              f"(`python {script}` trains yours)", file=sys.stderr)
+        path = shipped
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
@@ -529,7 +536,8 @@ def guided_noise(model, x, t_batch, y, weight):
 @torch.no_grad()
 def sample_guided(model, sched, x_T, y, weight, steps, sampler=DEFAULT_SAMPLER, bf16=False, generator=None,
                   progress=True):
-    """Any --sampler, with the classifier-free guided ε̂, in `steps` network calls (ddpm: all T)."""
+    """Any of this chapter's --sampler choices (not restart), with the classifier-free guided ε̂, in `steps` network
+    calls (ddpm: all T)."""
     second_order, eta = SAMPLERS[sampler]
     T = sched["alpha_bar"].shape[0]
     timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, sched["alpha_bar"])

@@ -351,7 +351,14 @@ def build_model(config):
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
     """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
-    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it."""
+    `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it.
+    Your own run comes first; a default name (no folder) that you have not trained yet falls back to the copy
+    shipped in weights/, and says so."""
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", os.path.basename(path))
+    if not os.path.isfile(path) and os.path.dirname(path) in ("", ".") and os.path.isfile(shipped):
+        print(f"no {path} of your own: using the shipped weights/{os.path.basename(path)} "
+              f"(`python {script}` trains yours)", file=sys.stderr)
+        path = shipped
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path} - run `python {script}` first to make it")
     try:
@@ -410,8 +417,10 @@ def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
 
 
 @torch.no_grad()
-def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True):
-    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2)."""
+def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True,
+                frames=None):
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2).
+    frames: a list that gets x after every call (for an animation)."""
     timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)
     one = torch.ones((), device=x_T.device)
     x = x_T
@@ -423,6 +432,8 @@ def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False
         alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
         noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
         x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+        if frames is not None:
+            frames.append(x)
     return x
 
 

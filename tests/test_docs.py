@@ -74,3 +74,69 @@ def test_help_shows_the_defaults_but_never_none(script, capsys):
         importlib.import_module(script).parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: " in text and "(default: None)" not in text
+
+
+README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(ROOT, "RESULTS.md")
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def sections(text):
+    """{heading: text} of every "## " section (its "###" subsections included), code blocks and all."""
+    parts = re.split(r"^## ", text, flags=re.M)[1:]
+    return {part.splitlines()[0]: "## " + part for part in parts}
+
+
+def test_the_readme_is_read_in_one_sitting():
+    """The README teaches: 14,000 characters in all and 1,600 per section; the measurements live in RESULTS.md."""
+    text = open(README, encoding="utf-8").read()
+    assert len(text) <= 14_000, f"README.md has {len(text)} characters (at most 14,000): move the log to RESULTS.md"
+    chapters = {title: body for title, body in sections(text).items() if title.startswith("Chapter")}
+    assert len(chapters) >= 6
+    for title, body in sections(text).items():
+        assert len(body) <= 1_600, f"README.md section '{title}' has {len(body)} characters (at most 1,600)"
+    assert not re.search(r"^\|", text, re.M), "no tables in the README: they belong in RESULTS.md"
+
+
+def test_results_opens_with_the_current_table_and_archives_the_rest():
+    text = open(RESULTS, encoding="utf-8").read()
+    assert len(text) <= 20_000, f"RESULTS.md has {len(text)} characters (at most 20,000): archive the history"
+    table = text[text.index("| chapter |"):text.index("\n\n", text.index("| chapter |"))]
+    for chapter in ["src.py", "src_cfg.py", "sample_ddim.py", "train_distilled.py", "train_dmd.py",
+                    "src_classifier_free.py"]:
+        assert f"python {chapter}" in table, f"RESULTS.md's table has no current number for {chapter}"
+    assert "](RESULTS-archive.md)" in text and os.path.isfile(os.path.join(ROOT, "RESULTS-archive.md"))
+
+
+ROUND = re.compile(r"\b(?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|"
+                   r"thirteenth|fourteenth|fifteenth|sixteenth|seventeenth|eighteenth|nineteenth|twentieth|\d+(?:st|nd|"
+                   r"rd|th)?) rounds?\b|\brounds? \d+\b", re.I)
+
+
+@pytest.mark.parametrize("path", [README, RESULTS] + sorted(glob.glob(os.path.join(ROOT, "notes", "*.md"))) + SCRIPTS,
+                         ids=doc_id)
+def test_no_issue_numbers_rounds_or_machine_paths(path, capsys):
+    """A reader cannot follow an issue number, a work round or this machine's folders: write `--data-root DIR`."""
+    if path.endswith(".py"):
+        module = importlib.import_module(os.path.basename(path)[:-3])
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        text = (module.__doc__ or "") + capsys.readouterr().out
+    else:
+        text = open(path, encoding="utf-8").read()
+    assert not re.search(r"\bissues? #?\d", text, re.I), f"{doc_id(path)} names an issue number"
+    assert not ROUND.search(text), f"{doc_id(path)} says '{ROUND.search(text).group()}'"
+    assert "shared/data" not in text and "/work/" not in text, f"{doc_id(path)} names a machine-local path"
+
+
+def test_the_guards_above_can_fail():
+    assert ROUND.search("as the nineteenth round found") and ROUND.search("round 3") and not ROUND.search("rounding")
+    long_section = "## Chapter 9\n" + "x" * 1_601
+    assert len(sections(long_section)["Chapter 9"]) > 1_600
+
+
+def test_every_picture_is_shown_in_the_readme_or_a_note():
+    shown = open(README, encoding="utf-8").read() + "".join(
+        open(p, encoding="utf-8").read() for p in glob.glob(os.path.join(ROOT, "notes", "*.md")))
+    for picture in sorted(os.listdir(os.path.join(ROOT, "images"))):
+        assert f"images/{picture}" in shown, f"images/{picture} is shown nowhere: show it in a note or delete it"
