@@ -22,12 +22,14 @@ DROPPED = ["optimizer", "optimizers", "fake", "teacher_state", "test_features", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Copy trained checkpoints, slimmed, into weights/.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Copy trained checkpoints, slimmed, into weights/.")
     p.add_argument("checkpoints", nargs="+", help="final checkpoints of the chapters, or evaluate.py's networks")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"),
-                   help="where the slimmed copies go, each under its own file name")
-    return p.parse_args(argv)
+    p.add_argument("--out-dir", default=None,
+                   help="where the slimmed copies go, each under its own file name. Default: weights/ beside this "
+                        "script, where the chapters look")
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+    return args
 
 
 def slim(ckpt):

@@ -1,5 +1,6 @@
 """evaluate.py: FID behaves like a distance, accuracy is right on real digits, bad input gets one line."""
 import json
+import os
 from functools import partial
 
 import numpy as np
@@ -10,18 +11,31 @@ from conftest import REAL_MNIST, needs_real_mnist, one_line_error, synthetic_dig
 import evaluate
 
 CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tiny_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    args = evaluate.parse_args(["x.npz", "--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "2"])
-    networks = evaluate.load_networks(args, CPU)  # trains both (tiny budget) and caches them
+    args = evaluate.parse_args(["x.npz", "--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "2",
+                                "--retrain"])
+    networks = evaluate.load_networks(args, CPU)  # trains both (tiny budget, not the shipped ones) and caches them
     return *networks["cnn"], out, networks
 
 
 def fid_of(model, ckpt, images):
     return evaluate.score({"cnn": (model, ckpt)}, torch.from_numpy(images), None, CPU)["fid"]
+
+
+def test_without_a_cache_the_shipped_networks_score_and_their_test_statistics_are_cached(tiny_mnist, tmp_path,
+                                                                                        capsys):
+    args = evaluate.parse_args(["x.npz", "--data-root", tiny_mnist, "--out-dir", str(tmp_path)])
+    model, ckpt = evaluate.load_network("cnn", args, CPU)
+    assert "the shipped weights/mnist_classifier.pt" in capsys.readouterr().err
+    shipped = torch.load(os.path.join(ROOT, "weights", "mnist_classifier.pt"), weights_only=True)
+    assert all(torch.equal(shipped["model"][k], v) for k, v in model.state_dict().items())
+    assert ckpt["test_features"].shape[0] == len(evaluate.load_mnist(tiny_mnist, train=False)[0])
+    assert (tmp_path / "mnist_classifier.pt").is_file()  # cached: the next run reads it
 
 
 def test_fid_of_a_set_against_itself_is_zero(tiny_classifier):

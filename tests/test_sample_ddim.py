@@ -1,4 +1,5 @@
 """Chapter 3 (sample_ddim.py): the DDIM update against DDPM, determinism, inversion, timesteps, bad input."""
+import os
 from functools import partial
 
 import numpy as np
@@ -109,6 +110,34 @@ def test_cli_writes_grids_npz_and_timing(tiny_checkpoint, tiny_mnist, tmp_path, 
         assert (tmp_path / name).is_file(), name
     assert np.load(tmp_path / "s_5steps.npz")["images"].shape == (4, 28, 28)
     assert "speed-up vs DDPM-1000" in out and "DDIM inversion" in out
+
+
+def test_the_default_run_is_quick_the_reference_row_covers_the_figure_only(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                            capsys):
+    """1000 calls cost minutes for a whole grid on a CPU: DDPM draws the comparison figure's 10 columns only, and its
+    speed-up is not quoted against 64 digits drawn at another batch size. Offline, the inversion figure is skipped."""
+    drawn = []
+    original = sample_ddim.run_sampler
+    monkeypatch.setattr(sample_ddim, "run_sampler", lambda name, model, sched, x, *a: drawn.append((name, len(x)))
+                        or original(name, model, sched, x, *a))
+    monkeypatch.setattr(sample_ddim, "load_mnist", lambda *a, **k: sample_ddim.fail("MNIST not found (offline)"))
+    sample_ddim.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--steps", "3",
+                      "--num-samples", "12", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert drawn == [("ddim", 12), ("ddpm", sample_ddim.COLUMNS)]
+    assert "| ddim 3 steps (η=0) | 3 |" in out and out.split("| ddim 3 steps (η=0) | 3 |")[1].split("\n")[0].endswith("| - |")
+    assert "skipped the inversion figure: error: MNIST not found (offline)" in out
+    assert (tmp_path / "ddim_comparison.png").is_file() and not (tmp_path / "ddim_inversion.png").exists()
+
+
+def test_gif_shows_every_call_and_stays_small(tiny_checkpoint, tmp_path):
+    from PIL import Image
+    sample_ddim.main(["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--steps", "6",
+                      "--num-samples", "16", "--no-ddpm", "--no-inversion", "--out-dir", str(tmp_path),
+                      "--gif", str(tmp_path / "d.gif")])
+    gif = Image.open(tmp_path / "d.gif")
+    assert gif.n_frames == 7 and gif.size == (2 * 122, 2 * 122)  # the noise, then x after each of the 6 calls
+    assert os.path.getsize(tmp_path / "d.gif") < 1e6
 
 
 @pytest.mark.parametrize("schedule", [{"T": 1000, "kind": "cosine"},  # as `src.py` saves its default

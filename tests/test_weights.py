@@ -101,9 +101,16 @@ def recorded_checks():
     return rows
 
 
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory):
+    """One folder for evaluate.py's cache, so the shipped networks' test statistics are computed once per process."""
+    return str(tmp_path_factory.mktemp("reference"))
+
+
 @needs_real_mnist
 @pytest.mark.parametrize("name, command, recorded", recorded_checks(), ids=lambda v: str(v)[:30])
-def test_shipped_weights_score_what_results_records(name, command, recorded, tmp_path, monkeypatch, capsys):
+def test_shipped_weights_score_what_results_records(name, command, recorded, reference_cache, tmp_path, monkeypatch,
+                                                    capsys):
     """The recorded N = 500 check, run as written (sampling, then evaluate.py's FID with the shipped networks)."""
     import importlib
     monkeypatch.chdir(tmp_path)
@@ -112,7 +119,7 @@ def test_shipped_weights_score_what_results_records(name, command, recorded, tmp
     importlib.import_module(script[:-3]).main(argv + ["--save-npz", "s.npz"])
     npz = sorted(p for p in os.listdir(tmp_path) if p.endswith(".npz"))[0]
     capsys.readouterr()
-    evaluate.main([npz, "--json", "--data-root", REAL_MNIST])
+    evaluate.main([npz, "--json", "--data-root", REAL_MNIST, "--out-dir", reference_cache])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(np.load(npz)["images"]) == 500
     assert abs(result["fid"] - float(recorded)) <= 0.1 * float(recorded), (name, result["fid"], recorded)
