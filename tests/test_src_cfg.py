@@ -19,7 +19,8 @@ def guided_setup(tiny_checkpoint, tiny_mnist, tmp_path_factory):
     model = src_cfg.model_from_checkpoint(ckpt, path).eval()
     sched = src_cfg.ddpm_schedule(**ckpt["config"]["schedule"])
     out = tmp_path_factory.mktemp("guided")  # its own folder: the shared checkpoint's folder stays as src.py left it
-    args = src_cfg.parse_args(["--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "15"])
+    args = src_cfg.parse_args(["--data-root", tiny_mnist, "--out-dir", str(out), "--classifier-epochs", "15",
+                               "--retrain-classifier"])  # its own tiny classifier, not the shipped one
     torch.manual_seed(0)
     classifier = src_cfg.get_classifier(args, ckpt["config"]["schedule"], sched, CPU, False)  # trains and caches
     return model, classifier, sched, out / src_cfg.CLASSIFIER_NAME
@@ -79,6 +80,14 @@ def test_scale_0_is_exactly_unguided_sampling(guided_setup):
     plain = sample_ddim.sample_dpmpp(model, sched, x_T, 10, stochastic=True, generator=torch.Generator().manual_seed(0),
                                      progress=False)
     assert torch.equal(guided, plain)
+
+
+def test_without_a_classifier_of_your_own_the_shipped_one_is_loaded(tmp_path, capsys):
+    args = src_cfg.parse_args(["--out-dir", str(tmp_path)])
+    schedule = {"T": 1000, "kind": "cosine"}  # the shipped model's, which the shipped classifier was trained on
+    src_cfg.get_classifier(args, schedule, src_cfg.ddpm_schedule(**schedule), CPU, False)
+    assert "loaded the noisy classifier from" in capsys.readouterr().out
+    assert not (tmp_path / src_cfg.CLASSIFIER_NAME).exists()  # nothing trained, nothing written
 
 
 def test_cli_end_to_end(guided_setup, tiny_checkpoint, tiny_mnist, tmp_path, capsys):
