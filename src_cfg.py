@@ -442,7 +442,8 @@ def train_classifier(args, schedule, sched, device, bf16, path):
 
 
 def get_classifier(args, schedule, sched, device, bf16):
-    """The cached classifier, or a freshly trained one if missing, unreadable, for another schedule, or asked."""
+    """The cached classifier (yours, else the shipped one), or a freshly trained one if missing, unreadable, for
+    another schedule, or asked."""
     own = args.classifier or os.path.join(args.out_dir, CLASSIFIER_NAME)
     shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", CLASSIFIER_NAME)
     # none of yours yet: the shipped one, made for the shipped model's schedule (checked below, as for yours)
