@@ -8,6 +8,7 @@ Usage (copy-paste):
     python evaluate.py --benchmark                      # images/s of each sampler on this device
     python evaluate.py guided_scale*.npz cf_w*.npz --tradeoff images/guidance_tradeoff.png
                                                         # guidance: accuracy vs FID per scale/weight, plot + table
+    python evaluate.py sdedit_s*.npz --tradeoff images/sdedit_tradeoff.png   # SDEdit: distance to the input vs FID
 
 Why not the usual Inception FID? Inception-v3 was trained on 299x299 colour photos (and needs weights from the
 internet); on 28x28 digits its features mean little. We train a small MNIST classifier once instead (about a
@@ -27,7 +28,8 @@ minute or two on a CPU, >= 99% test accuracy) and measure in its feature space:
 
 Input: an .npz with `images` uint8 [N, 28, 28] (0-255) and optional `labels` int [N] - what every script's
 `--save-npz` writes - or a folder of PNGs. The guidance chapters' files also carry `guidance` (which method),
-`strength` (its scale or weight) and `seconds` (sampling time): --tradeoff plots those against each other.
+`strength` (its scale or weight) and `seconds` (sampling time): --tradeoff plots those against each other; edit.py's
+SDEdit files carry `distance` (to the input), which --tradeoff then plots against FID instead.
 """
 import argparse
 import functools
@@ -151,7 +153,7 @@ def load_samples(path, n=None, seed=0):
                     fail(f"{path} has no `images` array (it has: {', '.join(npz.files) or 'nothing'})")
                 images = npz["images"]
                 labels = npz["labels"] if "labels" in npz else None
-                meta = {k: npz[k].item() for k in ("guidance", "strength", "sampler", "seconds") if k in npz}
+                meta = {k: npz[k].item() for k in ("guidance", "strength", "sampler", "seconds", "distance") if k in npz}
         except (ValueError, OSError, EOFError) as e:
             fail(f"{path} is not a readable .npz file ({type(e).__name__})")
     else:
@@ -399,33 +401,41 @@ def print_report(result, path):
 
 def print_tradeoff(results, path):
     """Guidance trade-off: one line per method through its scales/weights, the share of wrong digits (x, log
-    scale: 10% and 0.1% wrong are far apart) against FID (y)."""
+    scale: 10% and 0.1% wrong are far apart) against FID (y). Files that carry `distance` (edit.py's SDEdit) are
+    plotted against that instead: how far each result moved from its input, against FID."""
     import matplotlib.ticker
     symbol = {"classifier": "s", "classifier-free": "w"}  # each chapter's name for its guidance strength
+    faithfulness = all("distance" in r for r in results)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     print("| guidance | strength | sampler | N | judged the requested digit | per digit 0-9 (%) | worst digit | FID | "
-          "FID (MLP) | sampling s/image |")
-    print("| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+          "FID (MLP) | sampling s/image |" + (" distance to the input |" if faithfulness else ""))
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if faithfulness else ""))
     for method in sorted({r["guidance"] for r in results}):
         rows = sorted((r for r in results if r["guidance"] == method), key=lambda r: r["strength"])
         wrong = [max(100 * (1 - r["accuracy"]), 0.01) for r in rows]  # 0% wrong still needs a place on a log axis
+        xs = [r["distance"] for r in rows] if faithfulness else wrong
         fid = [r["fid"] for r in rows]
-        ax.plot(wrong, fid, "o-", label=f"{method} guidance ({symbol.get(method, 'strength')})")
-        for r, x, y in zip(rows, wrong, fid):
+        ax.plot(xs, fid, "o-", label=f"{method} ({symbol.get(method, 'strength')})")
+        for r, x, y in zip(rows, xs, fid):
             ax.annotate(f"{symbol.get(method, '')}={r['strength']:g}", (x, y), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
             worst = min(r["accuracy_per_digit"].items(), key=lambda kv: kv[1])
             per_image = f"{r['seconds'] / r['n']:.4f}" if "seconds" in r else "-"
             per_digit = " ".join(f"{round(100 * a, 1):g}" for _, a in sorted(r["accuracy_per_digit"].items()))
             print(f"| {method} | {r['strength']:g} | {r.get('sampler', '-')} | {r['n']} | {r['accuracy']:.1%} | "
-                  f"{per_digit} | {worst[0]}: {worst[1]:.1%} | {r['fid']:.1f} | {r['fid_mlp']:.1f} | {per_image} |")
+                  f"{per_digit} | {worst[0]}: {worst[1]:.1%} | {r['fid']:.1f} | {r['fid_mlp']:.1f} | {per_image} |"
+                  + (f" {r['distance']:.3f} |" if faithfulness else ""))
     n = sorted({r["n"] for r in results})
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.invert_xaxis()  # more accurate to the right
-    ax.set_xlabel("samples judged a different digit than asked (%, log scale)")
+    if faithfulness:
+        ax.set_xlabel("mean distance of each result to its input (0-1 pixel range): unfaithfulness")
+        ax.set_title("SDEdit: faithful to the input vs realistic")
+    else:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.invert_xaxis()  # more accurate to the right
+        ax.set_xlabel("samples judged a different digit than asked (%, log scale)")
+        ax.set_title("guidance: on-class accuracy vs sample quality")
     ax.set_ylabel(f"FID (lower is better), N = {', '.join(map(str, n))}")
-    ax.set_title("guidance: on-class accuracy vs sample quality")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -567,7 +577,7 @@ def main(argv=None):
         for path, _, labels, meta in sets:
             if labels is None or "guidance" not in meta or "strength" not in meta:
                 fail(f"{path} has no labels/guidance/strength: --tradeoff takes the .npz files that "
-                     f"src_cfg.py and src_classifier_free.py write with --save-npz")
+                     f"src_cfg.py, src_classifier_free.py and `edit.py sdedit` write with --save-npz")
     networks = load_networks(args, device)
     results = []
     for path, images, labels, meta in sets:

@@ -679,7 +679,7 @@ def save_preview(model, args, device, bf16):
     return images
 
 
-def save_outputs(model, losses, previews, args, device, bf16, source=None):
+def save_results(model, losses, previews, args, device, bf16, source=None):
     """The sample grid (+ .npz), the loss curve and previews; with a reflow's `source` flow, the comparison."""
     model.eval()
     out = lambda name: os.path.join(args.out_dir, f"{args.prefix}_{name}")  # noqa: E731
@@ -733,7 +733,7 @@ def main(argv=None):
     if args.sample_only:
         path = os.path.join(args.out_dir, f"{args.prefix}_model_final.pt")
         ckpt = load_checkpoint(path, device, "flow", "train_flow.py" + (" --reflow" if args.reflow else ""))
-        save_outputs(model_from_checkpoint(ckpt, path).to(device), ckpt["losses"], [], args, device, bf16)
+        save_results(model_from_checkpoint(ckpt, path).to(device), ckpt["losses"], [], args, device, bf16)
         return
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C mid-step: train() saves, then stops
@@ -767,7 +767,7 @@ def main(argv=None):
     print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, base width "
           f"{config['base_channels']}; t drawn {args.time_sampling}")
     ema_model, losses, previews = train(args, config, model, x0_data, partners, device, bf16, budget_s)
-    save_outputs(ema_model, losses, previews, args, device, bf16, source)
+    save_results(ema_model, losses, previews, args, device, bf16, source)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,20 @@ def test_the_extractor_finds_what_it_should():
                               ("sample_ddim", " --steps 50")]
 
 
+def help_text(module, capsys):
+    """What `--help` prints, and for a script with tasks (edit.py) what every `TASK --help` prints too."""
+    text = ""
+    for argv in [["--help"]] + [[task, "--help"] for task in getattr(module, "TASKS", [])]:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        text += capsys.readouterr().out
+    return text
+
+
 @pytest.mark.parametrize("script", sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))))
 def test_help_shows_the_defaults_but_never_none(script, capsys):
     """--help on every script; a flag whose default is None says in words what happens, not "(default: None)"."""
-    with pytest.raises(SystemExit):
-        importlib.import_module(script).parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = " ".join(help_text(importlib.import_module(script), capsys).split())
     assert "(default: None)" not in text
     assert "(default: " in text or script == "ship_weights"  # its one flag's default is said in words
 
@@ -121,9 +129,7 @@ def test_no_issue_numbers_rounds_or_machine_paths(path, capsys, monkeypatch):
     monkeypatch.delenv("MNIST_ROOT", raising=False)  # --help shows it as --data-root's default
     if path.endswith(".py"):
         module = importlib.import_module(os.path.basename(path)[:-3])
-        with pytest.raises(SystemExit):
-            module.parse_args(["--help"])
-        text = (module.__doc__ or "") + capsys.readouterr().out
+        text = (module.__doc__ or "") + help_text(module, capsys)
     else:
         text = open(path, encoding="utf-8").read()
     assert not re.search(r"\bissues? #?\d", text, re.I), f"{doc_id(path)} names an issue number"
