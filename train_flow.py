@@ -3,7 +3,7 @@ Chapter 6 - flow matching: learn the straight path from noise to digit, then fol
 
 Usage (copy-paste):
     python train_flow.py --minutes 10                 # laptop CPU: ten minutes of training, then pictures
-    python train_flow.py --sample-only --sampler heun --steps 20 --num-samples 2000 --save-npz flow.npz
+    python train_flow.py --sample-only --steps 20 --num-samples 2000 --save-npz flow.npz   # midpoint, for evaluate.py
     python train_flow.py --reflow                     # 2-rectified flow from flow_model_final.pt, <= 30 minutes
     python train_flow.py --reflow --sample-only --steps 1 --num-samples 2000 --save-npz reflow1.npz
     python train_flow.py --resume                     # continue the run saved in flow_model_last.pt
@@ -28,7 +28,7 @@ What comes out (in --out-dir; with --reflow the files start with reflow_ instead
                             stacks them, one row per epoch
     flow_loss_curve.png     training loss per step
     reflow_pairs.pt         (--reflow) the cached pairs, reused while the flow and the settings match
-    reflow_comparison.png   (--reflow) the same noise: the flow with 20 Heun calls, then the reflow in 1 and 2 calls
+    reflow_comparison.png   (--reflow) the same noise: the flow as it drew the pairs, then the reflow in 1 and 2 calls
 
 The file reads top to bottom: config -> data -> path -> model -> train -> sample -> outputs.
 """
@@ -103,10 +103,13 @@ def parse_args(argv=None):
                    help="--reflow: the flow that draws the pairs, made by `python train_flow.py`")
     p.add_argument("--pairs", type=positive_int, default=60000, help="--reflow: number of (noise, digit) pairs")
     p.add_argument("--pair-steps", type=positive_int, default=20,
-                   help="--reflow: Heun calls per pair (drawing 60k pairs takes minutes on a CPU, once)")
+                   help="--reflow: the flow's calls per pair (drawing 60k pairs takes minutes on a CPU, once)")
+    p.add_argument("--pair-sampler", choices=SAMPLERS, default="midpoint",
+                   help="--reflow: the solver that draws the pairs (midpoint: the best at 20 calls, RESULTS.md)")
     p.add_argument("--sample-only", action="store_true",
                    help="skip training: load OUT_DIR/flow_model_final.pt (with --reflow: reflow_model_final.pt)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="heun", help="the ODE solver that draws the digits")
+    p.add_argument("--sampler", choices=SAMPLERS, default="midpoint",
+                   help="the ODE solver that draws the digits (midpoint: the best at 20 and 50 calls, RESULTS.md)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="network calls per digit. Default: 20, or 1 with --reflow")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits in the final grid")
@@ -529,13 +532,14 @@ def pair_noise(n, seed):
 
 def make_reflow_pairs(args, flow, device, bf16, settings):
     """(z, x_0 = flow(z)) pairs for reflow, cached in OUT_DIR/reflow_pairs.pt while `settings` match (the flow file,
-    its Heun calls, the number of pairs, the seed and the precision), as chapter 4 caches its teacher's."""
+    its solver and calls, the number of pairs, the seed and the precision), as chapter 4 caches its teacher's."""
     path = os.path.join(args.out_dir, PAIRS_NAME)
     if os.path.isfile(path):
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True)
             if cache["settings"] == settings:
-                print(f"reusing {path} ({settings['pairs']} pairs, Heun with {settings['pair_steps']} calls)")
+                print(f"reusing {path} ({settings['pairs']} pairs, {settings['pair_sampler']}, "
+                      f"{settings['pair_steps']} calls)")
                 return pair_noise(settings["pairs"], settings["seed"]), cache["x0"].float()
             print(f"{path} was made by another flow or settings: drawing new pairs")
         except Exception as e:
@@ -544,9 +548,10 @@ def make_reflow_pairs(args, flow, device, bf16, settings):
     x0 = torch.empty_like(z, dtype=torch.float16)
     chunk = 256  # images per call: larger batches fall out of a CPU's caches
     start = time.perf_counter()
-    for i in tqdm(range(0, len(z), chunk), desc=f"reflow pairs (Heun, {settings['pair_steps']} calls)", unit="batch"):
-        x0[i:i + chunk] = sample_flow(flow, z[i:i + chunk].to(device), settings["pair_steps"], "heun", bf16,
-                                      progress=False).clamp(-1, 1).cpu().half()
+    for i in tqdm(range(0, len(z), chunk), desc=f"reflow pairs ({settings['pair_sampler']}, "
+                  f"{settings['pair_steps']} calls)", unit="batch"):
+        x0[i:i + chunk] = sample_flow(flow, z[i:i + chunk].to(device), settings["pair_steps"],
+                                      settings["pair_sampler"], bf16, progress=False).clamp(-1, 1).cpu().half()
     save_atomic({"settings": settings, "x0": x0}, path)
     print(f"drew {len(z)} pairs in {(time.perf_counter() - start) / 60:.1f} min, cached in {path}")
     return z, x0.float()
@@ -705,10 +710,11 @@ def save_results(model, losses, previews, args, device, bf16, source=None):
     images = to_uint8(samples)
     save_grid(images[:100], out("samples.png"), nrow=10 if len(images) > 64 else 8)
     if source is not None:  # the same 10 noises: where the pairs came from, then the straightened flow
-        rows = [sample_flow(m, noise[:10].to(device), calls, "heun", bf16, progress=False)
-                for m, calls in ((source, 20), (model, 1), (model, 2))]
+        rows = [sample_flow(m, noise[:10].to(device), calls, sampler, bf16, progress=False)
+                for m, calls, sampler in ((source, args.pair_steps, args.pair_sampler), (model, 1, "euler"),
+                                          (model, 2, "euler"))]
         save_grid(to_uint8(torch.cat(rows)), out("comparison.png"), nrow=10)
-        print(f"wrote {out('comparison.png')}: flow Heun-20 (top), reflow 1 call, 2 calls")
+        print(f"wrote {out('comparison.png')}: the flow as it drew the pairs (top), reflow 1 call, 2 calls")
     if args.save_npz:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
         np.savez_compressed(args.save_npz, images=images.numpy(), seconds=seconds)
@@ -745,8 +751,8 @@ def main(argv=None):
         source = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
         budget_s = (args.minutes or 30.0) * 60
         start = time.time()
-        settings = {"flow": file_fingerprint(args.checkpoint), "pair_steps": args.pair_steps, "pairs": args.pairs,
-                    "seed": args.seed, "bf16": bf16}
+        settings = {"flow": file_fingerprint(args.checkpoint), "pair_sampler": args.pair_sampler,
+                    "pair_steps": args.pair_steps, "pairs": args.pairs, "seed": args.seed, "bf16": bf16}
         partners, x0_data = make_reflow_pairs(args, source, device, bf16, settings)
         partners, x0_data = partners.to(device), x0_data.to(device)
         model = copy.deepcopy(source).train().requires_grad_(True)

@@ -6,6 +6,7 @@ Usage (copy-paste):
     python train_meanflow.py --sample-only --steps 1 --num-samples 2000 --seed 1 --save-npz mf1.npz   # evaluate.py
     python train_meanflow.py --sample-only --steps 2  # two calls: a little better
     python train_meanflow.py --resume                 # continue the run saved in meanflow_model_last.pt
+    python train_meanflow.py --sample-only --compare  # the same noise: teacher DDIM-50 | kd | DMD | MeanFlow
 
 The idea (Geng, Deng, Bai, Kolter & He 2025). Chapter 6's flow learns the velocity v(z_t, t) at each instant, so a
 sampler must take many small steps along a curved path. MeanFlow learns the AVERAGE velocity over an interval,
@@ -28,6 +29,8 @@ What comes out (in --out-dir):
     meanflow_preview.png       16 one-call digits from the same noise after every epoch; meanflow_previews.png stacks them
     meanflow_loss_curve.png    the squared error to the target per step
     meanflow_model_Nmin.pt     with --snapshot-minutes: the EMA weights every N minutes (for a quality-vs-time curve)
+    meanflow_comparison.png    with --compare: the SAME noise through chapter 1's teacher (DDIM-50), chapter 4's kd
+                               student, chapter 4c's DMD generator (one call each) and MeanFlow (one call)
 
 The file reads top to bottom: config -> data -> path -> model -> train -> sample -> outputs.
 """
@@ -110,6 +113,12 @@ def parse_args(argv=None):
     p.add_argument("--sample-only", action="store_true", help=f"skip training: load OUT_DIR/{FINAL_NAME} and sample")
     p.add_argument("--checkpoint", default=None,
                    help=f"--sample-only: sample from this file instead of OUT_DIR/{FINAL_NAME} (e.g. a snapshot)")
+    p.add_argument("--compare", action="store_true",
+                   help="also draw meanflow_comparison.png: the same noise through --teacher (DDIM-50), --kd, --dmd "
+                        "and MeanFlow")
+    p.add_argument("--teacher", default="diffusion_model_final.pt", help="--compare: chapter 1's model (src.py)")
+    p.add_argument("--kd", default="distilled_model_final.pt", help="--compare: chapter 4's student")
+    p.add_argument("--dmd", default="dmd_model_final.pt", help="--compare: chapter 4c's generator")
     p.add_argument("--steps", type=positive_int, default=1, help="network calls per digit")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits in the final grid")
     p.add_argument("--save-npz", default=None, metavar="PATH",
@@ -399,6 +408,25 @@ def build_meanflow_model(config):
                         config["time_scale"])
 
 
+def build_model(config):
+    # Checkpoints made before "upsample" was saved lack it: they upsample, then convolve. Without "sigma_data" the
+    # layers predict ε directly (no preconditioning).
+    sigma_data = config.get("sigma_data")
+    alpha_bar = ddpm_schedule(**config["schedule"])["alpha_bar"] if sigma_data is not None else None
+    return UNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"],
+                config.get("upsample") == "conv-first", sigma_data, alpha_bar)
+
+
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """Rebuilds the exact UNet from the config stored in the checkpoint and loads its (EMA) weights."""
+    model = build_model(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} does not match this UNet ({str(e).splitlines()[0][:120]})")
+    return model
+
+
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
     """Loads a checkpoint safely (weights_only: no code runs) onto any device; one clear line if it can't.
     `kind` is the tag its script stores in it ("ddpm": src.py's model), `script` the one that writes it.
@@ -682,6 +710,100 @@ def save_results(model, losses, previews, args, device, bf16):
     print(f"wrote pictures to {os.path.abspath(args.out_dir)}")
 
 
+def ddim_timesteps(K, alpha_bar, spacing="uniform"):
+    """The timesteps visited (at most K, from T-1 down; T = len(alpha_bar)). After the last one comes a final step to
+    x_0 (ᾱ = 1): without it, the digits would keep the little noise that is left at the last visited t.
+    uniform: evenly from T-1 to 0. trailing: T-1, T-1-T/K, ..., T/K-1 (Lin et al. 2024). quadratic: evenly in √t
+    (Song et al. 2021), so more of the visits fall at low noise, where the digit's details are decided.
+    A visit whose ᾱ equals the one before is dropped: the cosine schedule floors ᾱ, so t = 995..999 are ONE noise
+    level, and a step between two of them has length 0 (DPM-Solver would divide by it). So above ~220 calls the
+    cosine schedule gets up to 4 fewer calls than K; the schedule itself stays, and so do the checkpoints trained on it."""
+    T = len(alpha_bar)
+    if spacing == "uniform":
+        steps = np.linspace(T - 1, 0, K).round().astype(int)  # 999, ..., 0
+    elif spacing == "trailing":
+        steps = (T - np.arange(K) * T / K).round().astype(int) - 1  # 999, 979, ..., 19 for K=50
+    else:
+        steps = (np.linspace(np.sqrt(T - 1), 0, K) ** 2).round().astype(int)  # 999, 959, ..., 2, 0 for K=50
+        for i in reversed(range(K - 1)):  # near t = 0, rounding can land two visits on one t: keep them apart
+            steps[i] = max(steps[i], steps[i + 1] + 1)
+    steps = steps.tolist()
+    return [t for i, t in enumerate(steps) if i == 0 or alpha_bar[t] > alpha_bar[steps[i - 1]]]
+
+
+def ddim_step(x, pred_noise, alpha_bar, alpha_bar_prev, eta, noise):
+    """One DDIM update from x_t to x_prev (Song et al. 2021, Eq. 12), written with named terms."""
+    # predicted x_0: undo the forward process with the model's noise, x_0 ≈ (x_t - √(1-ᾱ_t) ε_θ) / √ᾱ_t
+    pred_x0 = (x - (1 - alpha_bar).sqrt() * pred_noise) / alpha_bar.sqrt()
+    # σ_t(η) = η · √((1-ᾱ_prev)/(1-ᾱ_t)) · √(1 - ᾱ_t/ᾱ_prev): η=1 gives DDPM's posterior std, η=0 no noise
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt() if eta > 0 else 0.0
+    # "direction pointing to x_t": the part of the noise we keep, √(1-ᾱ_prev-σ²) · ε_θ
+    dir_xt = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * pred_noise
+    # x_prev = √ᾱ_prev · pred_x0 + direction + σ z
+    return alpha_bar_prev.sqrt() * pred_x0 + dir_xt + sigma * noise
+
+
+@torch.no_grad()
+def sample_ddim(model, sched, x_T, steps, eta=0.0, spacing="uniform", bf16=False, generator=None, progress=True,
+                frames=None):
+    """Walk from the noise x_T to digits in `steps` model calls. eta=1 with steps=T is DDPM (src.py's Algorithm 2).
+    frames: a list that gets x after every call (for an animation)."""
+    timesteps = ddim_timesteps(steps, sched["alpha_bar"], spacing)
+    one = torch.ones((), device=x_T.device)
+    x = x_T
+    for i, t in enumerate(tqdm(timesteps, desc=f"DDIM {steps} steps", disable=not progress, leave=False)):
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred_noise = model(x, t_batch).float()
+        # ᾱ of the next (lower) timestep; after the last one we land on x_0 itself, where ᾱ = 1
+        alpha_bar_prev = sched["alpha_bar"][timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+        x = ddim_step(x, pred_noise, sched["alpha_bar"][t], alpha_bar_prev, eta, noise)
+        if frames is not None:
+            frames.append(x)
+    return x
+
+
+@torch.no_grad()
+def generate(student, sched, z, bf16=False):
+    """The point of it all: ONE network call from noise z (at t = T-1) to a digit."""
+    t = torch.full((len(z),), sched["alpha_bar"].shape[0] - 1, device=z.device, dtype=torch.long)
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return student(z, t).float()
+
+
+def save_comparison(rows, path):
+    """One row of digits per (label, uint8 images) pair, the same noise in every column."""
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(n, 1.2 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for col in range(n):
+            axes[r, col].imshow(images[col].numpy(), cmap="gray", vmin=0, vmax=255)
+            axes[r, col].set_xticks([])
+            axes[r, col].set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle("same noise z: teacher vs one-step students", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def compare(args, model, device, bf16):
+    """Four ways to a digit from the SAME ten noises: chapter 1's teacher with 50 deterministic DDIM calls, and in
+    one call each chapter 4's kd student, chapter 4c's DMD generator and this chapter's MeanFlow."""
+    z = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    teacher_ckpt = load_checkpoint(args.teacher, device)
+    teacher = model_from_checkpoint(teacher_ckpt, args.teacher).to(device).eval()
+    sched = {k: v.to(device) for k, v in ddpm_schedule(**teacher_ckpt["config"]["schedule"]).items()}
+    rows = [("teacher\nDDIM-50", to_uint8(sample_ddim(teacher, sched, z, 50, bf16=bf16, progress=False)))]
+    for label, path, kind, script in [("kd\n1 call", args.kd, "distilled", "train_distilled.py"),
+                                      ("DMD\n1 call", args.dmd, "dmd", "train_dmd.py")]:
+        student = model_from_checkpoint(load_checkpoint(path, device, kind, script), path).to(device).eval()
+        rows.append((label, to_uint8(generate(student, sched, z, bf16))))
+    rows.append(("MeanFlow\n1 call", to_uint8(sample_meanflow(model, z, 1, bf16))))
+    save_comparison(rows, os.path.join(args.out_dir, "meanflow_comparison.png"))
+    print(f"wrote {os.path.join(args.out_dir, 'meanflow_comparison.png')}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -699,7 +821,9 @@ def main(argv=None):
         ckpt = load_checkpoint(path, device, "meanflow", "train_meanflow.py")
         model = build_meanflow_model(ckpt["config"])
         model.load_state_dict(ckpt["ema"])
-        save_results(model.to(device), ckpt["losses"], [], args, device, bf16)
+        save_results(model.to(device).eval(), ckpt["losses"], [], args, device, bf16)
+        if args.compare:
+            compare(args, model, device, bf16)
         return
 
     base_channels = args.base_channels or (64 if device.type == "cuda" else 16)  # a Mac (MPS) is a laptop too
@@ -711,6 +835,8 @@ def main(argv=None):
     print(f"device {device} (training float32; sampling with bf16 autocast {'on' if bf16 else 'off'}: {bf16_why})")
     ema_model, losses, previews = train(args, config, device)
     save_results(ema_model, losses, previews, args, device, bf16)
+    if args.compare:
+        compare(args, ema_model, device, bf16)
 
 
 if __name__ == "__main__":

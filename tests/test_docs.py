@@ -112,7 +112,7 @@ def test_results_opens_with_the_current_table_and_archives_the_rest():
     assert len(text) <= 20_000, f"RESULTS.md has {len(text)} characters (at most 20,000): archive the history"
     table = text[text.index("| chapter |"):text.index("\n\n", text.index("| chapter |"))]
     for chapter in ["src.py", "src_cfg.py", "sample_ddim.py", "train_distilled.py", "train_dmd.py",
-                    "src_classifier_free.py"]:
+                    "src_classifier_free.py", "train_flow.py", "train_meanflow.py", "edit.py"]:
         assert f"python {chapter}" in table, f"RESULTS.md's table has no current number for {chapter}"
     assert "](RESULTS-archive.md)" in text and os.path.isfile(os.path.join(ROOT, "RESULTS-archive.md"))
 

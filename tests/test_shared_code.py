@@ -24,6 +24,7 @@ SHARED_WITH_KD = ["generate", "time_per_image", "save_outputs",  # the distillat
 SHARED_WITH_CF = ["ConditionalUNet", "build_conditional_model", "load_conditional", "guided_noise"]  # edit.py's
 SHARED_WITH_FLOW = ["interpolate"]  # the straight path of chapters 6 and 7
 SHARED_WITH_EDIT = ["fraction"]
+SHARED_WITH_DMD = ["save_comparison"]  # the same-noise figure of the one-call chapters
 # what each chapter must carry: the UNet (to load src.py's checkpoint, or to extend it), and for the diffusion chapters
 # the schedule and DDIM's step; the flow chapters walk a straight path instead
 REQUIRED = ["timestep_embedding", "ResBlock", "SelfAttention", "UNet"]
@@ -38,7 +39,8 @@ def assert_copies_identical(module):
               (importlib.import_module("src_cfg"), SHARED_WITH_CFG),
               (importlib.import_module("train_distilled"), SHARED_WITH_KD),
               (importlib.import_module("src_classifier_free"), SHARED_WITH_CF),
-              (importlib.import_module("train_flow"), SHARED_WITH_FLOW), (importlib.import_module("edit"), SHARED_WITH_EDIT)]
+              (importlib.import_module("train_flow"), SHARED_WITH_FLOW), (importlib.import_module("edit"), SHARED_WITH_EDIT),
+              (importlib.import_module("train_dmd"), SHARED_WITH_DMD)]
     compared = 0
     for original, names in groups:
         for name in names:

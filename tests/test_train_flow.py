@@ -130,7 +130,8 @@ def test_resume_continues_at_the_saved_step(flow_run, tiny_mnist):
 def test_reflow_pairs_are_deterministic_and_cached(flow_run, tmp_path, capsys):
     path = str(flow_run / "flow_model_final.pt")
     flow = tf.model_from_checkpoint(tf.load_checkpoint(path, CPU, "flow", "train_flow.py"), path).eval()
-    settings = {"flow": tf.file_fingerprint(path), "pair_steps": 2, "pairs": 6, "seed": 0, "bf16": False}
+    settings = {"flow": tf.file_fingerprint(path), "pair_sampler": "heun", "pair_steps": 2, "pairs": 6, "seed": 0,
+                "bf16": False}
     runs = []
     for name in ["a", "b", "a"]:
         (tmp_path / name).mkdir(exist_ok=True)

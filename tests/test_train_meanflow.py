@@ -144,3 +144,13 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
     assert "train_meanflow.py" in one_line_error(mf.main, ["--sample-only", "--out-dir", str(tmp_path)])
     assert "must be in [0, 1]" in refused_flag(mf.main, ["--interval-share", "1.5"], capsys)
     assert "must be > 0" in refused_flag(mf.main, ["--steps", "0"], capsys)
+
+
+def test_the_comparison_figure_draws_the_same_noise_through_all_four(meanflow_run, tmp_path):
+    import os
+    weights = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+    mf.main(["--sample-only", "--out-dir", str(meanflow_run), "--num-samples", "2", "--compare", "--bf16", "off",
+             "--teacher", os.path.join(weights, "diffusion_model_final.pt"),
+             "--kd", os.path.join(weights, "distilled_model_final.pt"),
+             "--dmd", os.path.join(weights, "dmd_model_final.pt")])
+    assert (meanflow_run / "meanflow_comparison.png").is_file()

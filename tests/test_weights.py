@@ -15,13 +15,16 @@ import src_cfg
 import src_classifier_free
 import train_distilled
 import train_dmd
+import train_flow
+import train_meanflow
 from conftest import REAL_MNIST, needs_real_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "weights")
 CPU = torch.device("cpu")
 SHIPPED = ["diffusion_model_final.pt", "noisy_classifier.pt", "distilled_model_final.pt", "dmd_model_final.pt",
-           "classifier_free_model_final.pt", "mnist_classifier.pt", "mnist_mlp.pt"]
+           "classifier_free_model_final.pt", "flow_model_final.pt", "reflow_model_final.pt", "meanflow_model_final.pt",
+           "mnist_classifier.pt", "mnist_mlp.pt"]
 
 
 def shipped(name):
@@ -30,7 +33,7 @@ def shipped(name):
 
 def test_every_shipped_file_is_there_and_small():
     sizes = {name: os.path.getsize(os.path.join(WEIGHTS, name)) for name in SHIPPED}
-    assert sum(sizes.values()) <= 15e6, sizes
+    assert sum(sizes.values()) <= 20e6, sizes
     assert sorted(os.listdir(WEIGHTS)) == sorted(SHIPPED)
 
 
@@ -55,6 +58,18 @@ def test_the_ddpm_and_its_one_step_students_sample_in_todays_code():
         x = digits_twice(lambda seed: chapter.generate(
             student, sched, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(seed))))
         assert x.shape == (4, 1, 28, 28)
+
+
+def test_the_flows_sample_in_todays_code():
+    for name, calls in [("flow_model_final.pt", 4), ("reflow_model_final.pt", 1)]:
+        flow = train_flow.model_from_checkpoint(shipped(name), name).eval()
+        digits_twice(lambda seed: train_flow.sample_flow(
+            flow, torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(seed)), calls, progress=False))
+    ckpt = shipped("meanflow_model_final.pt")
+    meanflow = train_meanflow.build_meanflow_model(ckpt["config"])
+    meanflow.load_state_dict(ckpt["ema"])
+    digits_twice(lambda seed: train_meanflow.sample_meanflow(
+        meanflow.eval(), torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(seed))))
 
 
 def test_the_guidance_models_and_reference_networks_load_in_todays_code():
