@@ -25,7 +25,8 @@ What comes out (in --out-dir):
     edit_sdedit.png      rows: the rough input, then the result at each --strength (up to 16 digits)
     edit_translate.png   rows: the source digit, the translation (up to 16 digits)
     edit_TASK_all.png    all --num-samples results of the last row
-    --save-npz F         the results (uint8 images, the digit they should read as); several strengths: one file each
+    --save-npz F         the results (uint8 images, the digit they should read as); several strengths: one file each;
+                         inpaint also writes plain replacement's to F_replacement.npz
 
 The file reads top to bottom: config -> data -> schedule -> models -> editing -> outputs.
 """
@@ -681,7 +682,9 @@ def main(argv=None):
             names.append("replacement" if jumps == 0 else f"RePaint, {jumps} jumps")
             print(f"{names[-1]}: {len(repaint_schedule(args.steps, jumps, args.jump_length)) - 1} calls per digit")
         title = f"inpainting: the hidden {args.mask} part filled in by chapter 1's model"
-        npz = [(args.save_npz, rows[-1], labels, {"jumps": args.jumps, "mask": args.mask})]
+        replaced = args.save_npz and args.save_npz.replace(".npz", "") + "_replacement.npz"  # both, for evaluate.py
+        npz = [(args.save_npz if jumps == args.jumps else replaced, result, labels, {"jumps": jumps, "mask": args.mask})
+               for jumps, result in zip(sorted({0, args.jumps}), rows[2:])]
     elif args.task == "sdedit":
         x_in = x0 if args.input else roughen(x0, args.rough)
         rows, names, npz = [x_in], ["input" if args.input else f"rough ({args.rough})"], []

@@ -779,7 +779,7 @@ def load_kd_student(path, device):
     return model_from_checkpoint(load_checkpoint(path, device, "distilled", "train_distilled.py"), path).to(device)
 
 
-def save_comparison(rows, path):
+def save_same_noise(rows, path):
     """One row of digits per (label, uint8 images) pair, the same noise in every column."""
     n = len(rows[0][1])
     fig, axes = plt.subplots(len(rows), n, figsize=(n, 1.2 * len(rows)), squeeze=False)
@@ -809,7 +809,7 @@ def save_dmd_outputs(args, generator, teacher, sched, device, bf16, losses):
     if kd is not None:
         rows.append(("kd student\n1 step", to_uint8(generate(kd.eval(), sched, z[:n], bf16))))
     rows.append(("DMD\n1 step", images[:n]))
-    save_comparison(rows, os.path.join(args.out_dir, f"{PREFIX}_comparison.png"))
+    save_same_noise(rows, os.path.join(args.out_dir, f"{PREFIX}_comparison.png"))
     batch = z[:64]
     one_s = time_per_image(lambda: generate(generator, sched, batch, bf16), len(batch), device)
     teacher_s = time_per_image(lambda: sample_ddim(teacher, sched, batch, FIGURE_STEPS, bf16=bf16, progress=False),

@@ -3,7 +3,8 @@ Chapter 6 - flow matching: learn the straight path from noise to digit, then fol
 
 Usage (copy-paste):
     python train_flow.py --minutes 10                 # laptop CPU: ten minutes of training, then pictures
-    python train_flow.py --sample-only --steps 20 --num-samples 2000 --save-npz flow.npz   # midpoint, for evaluate.py
+    python train_flow.py --sample-only --steps 20 --num-samples 2000 --save-npz flow.npz   # for evaluate.py
+    python train_flow.py --sample-only --sampler midpoint --steps 20   # an ODE solver instead of the SDE
     python train_flow.py --reflow                     # 2-rectified flow from flow_model_final.pt, <= 30 minutes
     python train_flow.py --reflow --sample-only --steps 1 --num-samples 2000 --save-npz reflow1.npz
     python train_flow.py --resume                     # continue the run saved in flow_model_last.pt
@@ -13,7 +14,9 @@ two ends of a straight line, x_t = (1 - t)·x_0 + t·ε, t from 0 (the digit) to
 the constant velocity v = ε - x_0, and the network v_θ(x_t, t) is trained to predict it: the loss is ‖v_θ - v‖².
 Many lines pass through the same x_t, so the network learns their average E[ε - x_0 | x_t]; following that averaged
 field from t = 1 back to t = 0 carries the noise onto the digits (notes/7-flow-matching.md). Sampling is solving an
-ordinary differential equation: Euler, Heun or midpoint; --steps K is K network calls for each of them.
+ordinary differential equation: Euler, Heun or midpoint; --steps K is K network calls for each of them. Or, with
+`--sampler sde`, chapter 3's DPM-Solver++(2M) SDE: the straight path, rescaled, is chapter 1's, so the same solver
+runs on it and adds fresh noise at every step.
 Chapter 1's DDPM is the same idea on a curved path; this chapter keeps its UNet, its laptop recipe and its scores.
 
 Reflow (Liu et al. 2023). The averaged field's paths bend where lines crossed, so one Euler step lands between
@@ -23,7 +26,7 @@ Chapter 4's kd student learns the same kind of pairs from the DDPM teacher, by p
 
 What comes out (in --out-dir; with --reflow the files start with reflow_ instead of flow_):
     flow_model_final.pt     the trained flow (+ EMA + config); flow_model_last.pt is resumable
-    flow_samples.png        a grid of digits from --sampler with --steps calls
+    flow_samples.png        a grid of digits from --sampler with --steps calls (default: the SDE solver, 20 calls)
     flow_preview.png        16 digits from the same noise after every epoch (Euler, 20 calls); flow_previews.png
                             stacks them, one row per epoch
     flow_loss_curve.png     training loss per step
@@ -56,7 +59,8 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 # 1. Config: every knob in one place; the model part is saved into the checkpoint.
 # ----------------------------------------------------------------------------------------------------
 TIME_SCALE = 1000  # the UNet's sinusoidal embedding was made for chapter 1's t = 0..999: t in [0, 1] enters as 1000·t
-SAMPLERS = ["euler", "heun", "midpoint"]
+ODE_SAMPLERS = ["euler", "heun", "midpoint"]  # deterministic: the same noise always gives the same digit
+SAMPLERS = ODE_SAMPLERS + ["sde"]  # sde: chapter 3's DPM-Solver++(2M) SDE, on the flow
 RECIPE_KEYS = ["lr", "batch_size", "warmup_steps", "ema_decay", "optimizer", "muon_lr", "time_sampling", "logit_mean"]
 PREVIEW_DIGITS, PREVIEW_CALLS = 16, 20  # the per-epoch preview grid: how many digits, how many Euler calls
 PAIRS_NAME = "reflow_pairs.pt"
@@ -85,8 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--time-sampling", choices=["uniform", "logit-normal"], default="logit-normal",
                    help="how training draws t: uniform (the papers), or logit-normal, t = sigmoid(m + n) with "
                         "n ~ N(0, 1) (Stable Diffusion 3): the middle of the path, where v is hardest, more often")
-    p.add_argument("--logit-mean", type=float, default=0.0,
-                   help="m of --time-sampling logit-normal: > 0 tilts the draws towards the noise end")
+    p.add_argument("--logit-mean", type=float, default=None,
+                   help="m of --time-sampling logit-normal: > 0 tilts the draws towards the noise end. Default: 0, "
+                        "and 2 with --reflow, whose 1-call digit is its velocity at t = 1: trained there more "
+                        "often, it scored 0.62x the FID of m = 0 (RESULTS.md)")
     p.add_argument("--base-channels", type=positive_int, default=None,
                    help="UNet width at 28x28. Default: 16 on a CPU and on Apple MPS, 64 on a CUDA GPU")
     p.add_argument("--no-attention", action="store_true", help="drop the self-attention block at 7x7")
@@ -104,12 +110,15 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=positive_int, default=60000, help="--reflow: number of (noise, digit) pairs")
     p.add_argument("--pair-steps", type=positive_int, default=20,
                    help="--reflow: the flow's calls per pair (drawing 60k pairs takes minutes on a CPU, once)")
-    p.add_argument("--pair-sampler", choices=SAMPLERS, default="midpoint",
-                   help="--reflow: the solver that draws the pairs (midpoint: the best at 20 calls, RESULTS.md)")
+    p.add_argument("--pair-sampler", choices=ODE_SAMPLERS, default="midpoint",
+                   help="--reflow: the ODE solver that draws the pairs (a deterministic map; midpoint: the best "
+                        "ODE solver at 20 calls, RESULTS.md)")
     p.add_argument("--sample-only", action="store_true",
                    help="skip training: load OUT_DIR/flow_model_final.pt (with --reflow: reflow_model_final.pt)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="midpoint",
-                   help="the ODE solver that draws the digits (midpoint: the best at 20 and 50 calls, RESULTS.md)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="how the digits are drawn: an ODE solver (euler, heun, midpoint) or sde, chapter 3's "
+                        "DPM-Solver++(2M) SDE on the flow. Default: sde (the best at 20 and 50 calls, RESULTS.md), "
+                        "euler with --reflow (straight paths: its 1 call is sde's 1 call)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="network calls per digit. Default: 20, or 1 with --reflow")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits in the final grid")
@@ -559,21 +568,77 @@ def make_reflow_pairs(args, flow, device, bf16, settings):
 
 def time_grid(calls, sampler):
     """The times a sampler visits from t = 1 down to 0 so that it makes exactly `calls` network calls: Euler one
-    call per interval; Heun and midpoint two, and when `calls` is odd their last interval takes an Euler step."""
-    intervals = calls if sampler == "euler" else (calls + 1) // 2
+    call per interval (the SDE solver too); Heun and midpoint two, and when `calls` is odd their last interval takes
+    an Euler step."""
+    intervals = calls if sampler in ("euler", "sde") else (calls + 1) // 2
     return torch.linspace(1, 0, intervals + 1).tolist()
 
 
+def flow_alpha_bar(t):
+    """The straight path is chapter 1's diffusion, rescaled: x_t = (1 - t)·x_0 + t·ε divided by c = √((1 - t)² + t²)
+    is √ᾱ·x_0 + √(1 - ᾱ)·ε with ᾱ = (1 - t)²/c² (notes/7-flow-matching.md). Returns ᾱ and c, as tensors."""
+    c = math.sqrt((1 - t) ** 2 + t ** 2)
+    return torch.tensor((1 - t) ** 2 / c ** 2), c
+
+
+def log_snr(alpha_bar):
+    """λ = log(α/σ) with α = √ᾱ, σ = √(1-ᾱ): half the log signal-to-noise ratio. DPM-Solver steps in λ.
+    It grows as the noise shrinks, to +∞ at the clean end (ᾱ = 1)."""
+    return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+
+
+
+
+def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, noise=None):
+    """One DPM-Solver++(2M) update from x_s to x_t (Lu et al. 2022, Algorithm 2), in data (x_0) prediction.
+    With `noise`: SDE-DPM-Solver++(2M), the stochastic variant. Returns x_t and the step size h (for the next step).
+
+    The ODE's linear part is integrated exactly; the x_0 prediction is held constant over the step (first order,
+    prev_pred_x0 = None: that is DDIM η=0 for the ODE, η=1 for the SDE) or extrapolated along a line in λ."""
+    alpha_t, sigma_s, sigma_t = alpha_bar_next.sqrt(), (1 - alpha_bar).sqrt(), (1 - alpha_bar_next).sqrt()
+    h = log_snr(alpha_bar_next) - log_snr(alpha_bar)  # the step size in λ (> 0: towards less noise)
+    # D: the x_0 the step assumes. First order: this step's prediction. Second order: extrapolate the line through
+    # the previous and this prediction, D = x̂_0(s) + (x̂_0(s) - x̂_0(prev)) / (2r), with r = h_prev / h.
+    D = pred_x0 if prev_pred_x0 is None else pred_x0 + (pred_x0 - prev_pred_x0) * (h / (2 * h_prev))
+    if noise is None:
+        # ODE: x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D           (expm1(u) = e^u - 1, accurate for small u)
+        return sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D, h
+    # SDE: x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D + σ_t √(1 - e^{-2h}) z
+    # (more of x_s is replaced by D and by fresh noise z than in the ODE: errors are washed out, not carried)
+    keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+    return sigma_t / sigma_s * (-h).exp() * x + alpha_t * keep * D + sigma_t * keep.sqrt() * noise, h
+
+
+
+
+def sde_step(x, v, t, s, previous, generator=None):
+    """One step of chapter 3's `dpmpp-2m-sde` from time t down to s, on the flow: divided by c, the flow's x_t is
+    chapter 1's x at level ᾱ(t), and the velocity gives the x_0 the solver extrapolates, x̂_0 = x_t - t·v. Each step
+    replaces part of x with fresh noise, which washes out the errors an ODE solver carries to the end; the last step
+    (to t = 0) adds none. Returns x at s and this step's (x̂_0, h) for the next step."""
+    (alpha_bar_t, c_t), (alpha_bar_s, c_s) = flow_alpha_bar(t), flow_alpha_bar(s)
+    pred_x0 = x - t * v  # x_t = x_0 + t·(ε - x_0) = x_0 + t·v
+    last = s == 0
+    prev_pred_x0, h_prev = (None, None) if previous is None or last else previous
+    noise = None if last else torch.randn(x.shape, generator=generator).to(x.device)
+    x, h = dpmpp_2m_step(x / c_t, pred_x0, prev_pred_x0, h_prev, alpha_bar_t, alpha_bar_s, noise)
+    return x * c_s, (pred_x0, h)
+
+
 @torch.no_grad()
-def sample_flow(model, noise, calls, sampler="heun", bf16=False, progress=True, frames=None):
-    """Solve dx/dt = v_θ(x, t) from x = noise at t = 1 back to t = 0 in exactly `calls` network calls.
+def sample_flow(model, noise, calls, sampler="heun", bf16=False, progress=True, frames=None, generator=None):
+    """Solve dx/dt = v_θ(x, t) from x = noise at t = 1 back to t = 0 in exactly `calls` network calls (sde: a
+    stochastic path to the same distribution; `generator` draws its fresh noise).
     frames: a list that gets x after every interval (the noise-to-digit picture)."""
-    x, ts, left = noise, time_grid(calls, sampler), calls
+    x, ts, left, previous = noise, time_grid(calls, sampler), calls, None
     for t, s in tqdm(list(zip(ts[:-1], ts[1:])), desc=f"{sampler} sampling", disable=not progress, leave=False):
         dt = s - t  # < 0: we walk back in time
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             v = velocity(model, x, t)  # the slope here
-            if sampler == "euler" or left == 1:
+            if sampler == "sde":
+                x, previous = sde_step(x, v, t, s, previous, generator)
+                left -= 1
+            elif sampler == "euler" or left == 1:
                 x, left = x + dt * v, left - 1  # Euler: this slope for the whole interval (first order)
             elif sampler == "heun":  # Heun (trapezoid): the mean of the slopes at both ends (second order)
                 v_end = velocity(model, x + dt * v, s)
@@ -702,7 +767,9 @@ def save_results(model, losses, previews, args, device, bf16, source=None):
         plt.close(fig)
     noise = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     start = clock(device)
-    samples = torch.cat([sample_flow(model, noise[i:i + 256].to(device), args.steps, args.sampler, bf16)
+    fresh = torch.Generator().manual_seed(args.seed + 1)  # --sampler sde's noise along the way
+    samples = torch.cat([sample_flow(model, noise[i:i + 256].to(device), args.steps, args.sampler, bf16,
+                                     generator=fresh)
                          for i in range(0, len(noise), 256)])  # in chunks: a giant batch falls out of the caches
     seconds = clock(device) - start
     print(f"sampled {args.num_samples} digits, {args.sampler} with {args.steps} calls, in {seconds:.1f}s "
@@ -735,6 +802,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     args.prefix = "reflow" if args.reflow else "flow"
     args.steps = args.steps or (1 if args.reflow else 20)
+    args.sampler = args.sampler or ("euler" if args.reflow else "sde")
+    args.logit_mean = (2.0 if args.reflow else 0.0) if args.logit_mean is None else args.logit_mean
 
     if args.sample_only:
         path = os.path.join(args.out_dir, f"{args.prefix}_model_final.pt")

@@ -130,8 +130,11 @@ def test_every_task_runs_end_to_end(task, tiny_mnist, tiny_edm_checkpoint, cf_ch
                       "--num-samples", "5", "--steps", "4", "--save-npz", str(tmp_path / "e.npz"), "--bf16", "off"])
     assert (tmp_path / f"edit_{task[0]}.png").is_file() and (tmp_path / f"edit_{task[0]}_all.png").is_file()
     files = sorted(tmp_path.glob("e*.npz"))
-    assert len(files) == (2 if task[0] == "sdedit" else 1)
+    assert [f.name for f in files] == {"inpaint": ["e.npz", "e_replacement.npz"], "sdedit": ["e_s0.3.npz", "e_s1.npz"],
+                                       "translate": ["e.npz"]}[task[0]]
     npz = np.load(files[0])
+    if task[0] == "inpaint":
+        assert np.load(files[1])["jumps"] == 0 and npz["jumps"] == 1  # replacement's file and RePaint's
     assert npz["images"].shape == (5, 28, 28) and npz["images"].dtype == np.uint8 and npz["labels"].shape == (5,)
     if task[0] == "translate":
         assert (npz["labels"] == 3).all()

@@ -24,7 +24,7 @@ SHARED_WITH_KD = ["generate", "time_per_image", "save_outputs",  # the distillat
 SHARED_WITH_CF = ["ConditionalUNet", "build_conditional_model", "load_conditional", "guided_noise"]  # edit.py's
 SHARED_WITH_FLOW = ["interpolate"]  # the straight path of chapters 6 and 7
 SHARED_WITH_EDIT = ["fraction"]
-SHARED_WITH_DMD = ["save_comparison"]  # the same-noise figure of the one-call chapters
+SHARED_WITH_DMD = ["save_same_noise"]  # the same-noise figure of the one-call chapters
 # what each chapter must carry: the UNet (to load src.py's checkpoint, or to extend it), and for the diffusion chapters
 # the schedule and DDIM's step; the flow chapters walk a straight path instead
 REQUIRED = ["timestep_embedding", "ResBlock", "SelfAttention", "UNet"]

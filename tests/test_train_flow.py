@@ -47,6 +47,19 @@ def test_euler_with_many_steps_lands_on_the_data_distribution():
     assert x.mean().item() == pytest.approx(MU, abs=0.01) and x.std().item() == pytest.approx(S, abs=0.01)
 
 
+def test_the_sde_sampler_lands_on_the_data_distribution_by_its_own_path():
+    """Chapter 3's `dpmpp-2m-sde` on the flow: fresh noise at every step, so not the ODE's endpoint of each noise,
+    but the same distribution; a seed repeats a path, another seed draws another."""
+    z = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    draw = lambda seed, calls=200: tf.sample_flow(ExactVelocity(), z, calls, "sde", progress=False,  # noqa: E731
+                                                  generator=torch.Generator().manual_seed(seed))
+    x = draw(1)
+    assert x.mean().item() == pytest.approx(MU, abs=0.01) and x.std().item() == pytest.approx(S, abs=0.01)
+    assert torch.equal(x, draw(1)) and (x - draw(2)).abs().mean() > 0.1
+    assert (x - (MU + S * z)).abs().mean() > 0.1  # not the ODE's endpoint
+    assert draw(1, calls=1).sub(MU).abs().max() < 1e-5  # one call from pure noise: the best guess, E[x_0] = MU
+
+
 @pytest.mark.parametrize("sampler, fall", [("euler", (1.6, 2.5)), ("heun", (3.2, 5)), ("midpoint", (3.2, 10))])
 def test_the_error_falls_with_the_samplers_order_when_the_calls_double(sampler, fall):
     """Euler's error halves when the calls double (first order); Heun's falls ~4x (second order). Midpoint is second
@@ -110,6 +123,7 @@ def test_a_tiny_run_writes_its_checkpoints_and_pictures(flow_run):
     ckpt = torch.load(flow_run / "flow_model_final.pt", weights_only=True)
     assert ckpt["kind"] == "flow" and ckpt["step"] == 16 and "optimizer" not in ckpt
     assert ckpt["config"]["path"] == "straight" and ckpt["recipe"]["time_sampling"] == "logit-normal"
+    assert ckpt["recipe"]["logit_mean"] == 0.0  # the middle of the path; reflow tilts it (below)
 
 
 def test_sample_only_exports_what_evaluate_reads(flow_run, tmp_path):
@@ -148,7 +162,8 @@ def test_a_tiny_reflow_writes_its_comparison(flow_run):
              "--pairs", "64", "--pair-steps", "2", "--epochs", "1", "--batch-size", "32", "--warmup-steps", "2",
              "--num-samples", "4", "--bf16", "off"])
     assert (flow_run / "reflow_comparison.png").is_file() and (flow_run / "reflow_pairs.pt").is_file()
-    assert torch.load(flow_run / "reflow_model_final.pt", weights_only=True)["step"] == 2
+    reflow = torch.load(flow_run / "reflow_model_final.pt", weights_only=True)
+    assert reflow["step"] == 2 and reflow["recipe"]["logit_mean"] == 2.0  # t near 1, where its 1-call digit is read
 
 
 def test_bad_input_gives_one_line(tmp_path, capsys, tiny_checkpoint):

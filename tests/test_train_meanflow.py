@@ -140,6 +140,14 @@ def test_sample_only_and_resume(meanflow_run, tiny_mnist, tmp_path):
     assert torch.load(meanflow_run / "meanflow_model_final.pt", weights_only=True)["step"] == 24
 
 
+def test_jvp_cost_times_both_steps_without_training(tmp_path, capsys):
+    ratio = mf.main(["--jvp-cost", "--base-channels", "8", "--no-attention", "--batch-size", "4", "--bf16", "off",
+                     "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "flow matching, no JVP:" in out and "MeanFlow, with the JVP:" in out and "x as long" in out
+    assert ratio > 0 and not list(tmp_path.iterdir())  # timed only: no checkpoint, no picture
+
+
 def test_bad_input_gives_one_line(tmp_path, capsys):
     assert "train_meanflow.py" in one_line_error(mf.main, ["--sample-only", "--out-dir", str(tmp_path)])
     assert "must be in [0, 1]" in refused_flag(mf.main, ["--interval-share", "1.5"], capsys)
