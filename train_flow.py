@@ -587,8 +587,6 @@ def log_snr(alpha_bar):
     return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
 
 
-
-
 def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, noise=None):
     """One DPM-Solver++(2M) update from x_s to x_t (Lu et al. 2022, Algorithm 2), in data (x_0) prediction.
     With `noise`: SDE-DPM-Solver++(2M), the stochastic variant. Returns x_t and the step size h (for the next step).
@@ -607,8 +605,6 @@ def dpmpp_2m_step(x, pred_x0, prev_pred_x0, h_prev, alpha_bar, alpha_bar_next, n
     # (more of x_s is replaced by D and by fresh noise z than in the ODE: errors are washed out, not carried)
     keep = -torch.expm1(-2 * h)  # 1 - e^{-2h}
     return sigma_t / sigma_s * (-h).exp() * x + alpha_t * keep * D + sigma_t * keep.sqrt() * noise, h
-
-
 
 
 def sde_step(x, v, t, s, previous, generator=None):
