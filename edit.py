@@ -88,6 +88,9 @@ def parse_args(argv=None):
                          help="RePaint's resampling: at every --jump-length-th level, go back up that many levels "
                               "and down again, this many times; 0 = plain replacement")
     inpaint.add_argument("--jump-length", type=positive_int, default=5, help="levels per jump back up")
+    inpaint.add_argument("--ambiguity", action="store_true",
+                         help="also measure how ambiguous the visible part is: how often its nearest MNIST-train "
+                              "digits (by the known pixels) carry the true label")
     sdedit.add_argument("--input", default=None, metavar="PNG",
                         help="your own digit (a light stroke on dark, or dark on light: it is inverted), resized to "
                              "28x28 and edited --num-samples times. Default: roughened test digits")
@@ -243,6 +246,22 @@ def make_mask(kind, n, keep=0.2, generator=None):
     rows, cols = hidden[kind]
     mask[:, :, rows, cols] = 0
     return mask
+
+
+def neighbour_agreement(x0, labels, mask, data_root, k=10):
+    """How ambiguous the known pixels are: for each digit, the share of the k MNIST-train digits nearest to it on
+    its known pixels alone that carry its label. Real digits with that visible part have other labels this often,
+    so a sampler that completes digits as real digits would be read as the true label about this often (an
+    estimate in pixel distance, not a bound)."""
+    images, train_labels = load_mnist(data_root, train=True)
+    train = to_model_range(images).flatten(1).to(x0.device)
+    agree = []
+    for x, y, m in zip(x0.flatten(1).split(100), labels.split(100), mask.flatten(1).split(100)):
+        # Σ m (x - t)² over the known pixels m, for every training digit t at once
+        distance = (m * x * x).sum(1, keepdim=True) - 2 * (m * x) @ train.T + m @ (train * train).T
+        nearest = distance.topk(k, dim=1, largest=False).indices.cpu()
+        agree.append((train_labels[nearest] == y[:, None]).float().mean(1))
+    return torch.cat(agree).mean().item()
 
 
 def roughen(x, how):
@@ -435,7 +454,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
@@ -505,19 +527,25 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
 
 
 class ConditionalUNet(UNet):
-    """ε_θ(x_t, t, y): the same UNet, plus a learned embedding per label (10 digits + the null class) that is
-    added to the timestep embedding - so every ResBlock knows both the noise level and the digit."""
+    """ε_θ(x_t, t, y): the same UNet (with sigma_data, EDM's scaling too), plus a learned embedding per label (10
+    digits + the null class) that is added to the timestep embedding - so every ResBlock knows the noise level and
+    the digit."""
 
-    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
-        super().__init__(base_channels, channel_mults, attention)
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False,
+                 sigma_data=None, alpha_bar=None):
+        super().__init__(base_channels, channel_mults, attention, conv_first, sigma_data, alpha_bar)
         self.class_emb = nn.Embedding(NULL_CLASS + 1, 4 * base_channels)
 
     def forward(self, x, t, y):
-        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)) + self.class_emb(y))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)) + self.class_emb(y))
 
 
 def build_conditional_model(config):
-    return ConditionalUNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+    # As src.py's build_model: a config without "upsample" or "sigma_data" (the first recipe's) builds that model.
+    sigma_data = config.get("sigma_data")
+    alpha_bar = ddpm_schedule(**config["schedule"])["alpha_bar"] if sigma_data is not None else None
+    return ConditionalUNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"],
+                           config.get("upsample") == "conv-first", sigma_data, alpha_bar)
 
 
 def load_conditional(path, device):
@@ -681,6 +709,10 @@ def main(argv=None):
             rows.append(inpaint(model, alpha_bar, x0, mask, noise, args.steps, jumps, args.jump_length, bf16, seed))
             names.append("replacement" if jumps == 0 else f"RePaint, {jumps} jumps")
             print(f"{names[-1]}: {len(repaint_schedule(args.steps, jumps, args.jump_length)) - 1} calls per digit")
+        if args.ambiguity:
+            share = neighbour_agreement(x0, labels, mask, args.data_root)
+            print(f"ambiguity: the 10 training digits nearest on the known pixels carry the true label {share:.1%} "
+                  f"of the time")
         title = f"inpainting: the hidden {args.mask} part filled in by chapter 1's model"
         replaced = args.save_npz and args.save_npz.replace(".npz", "") + "_replacement.npz"  # both, for evaluate.py
         npz = [(args.save_npz if jumps == args.jumps else replaced, result, labels, {"jumps": jumps, "mask": args.mask})

@@ -479,9 +479,10 @@ def chapter_samplers(args, device, unet, sched, x_T, bf16):
         classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
         return lambda: src_cfg.sample_guided(unet, classifier, sched, x_T, y, 8.0, 50, bf16=bf16, progress=False)
 
-    def classifier_free(path):
-        conditional, _ = src_classifier_free.load_conditional(path, device)
-        return lambda: src_classifier_free.sample_guided(conditional, sched, x_T, y, src_classifier_free.DEFAULT_WEIGHT,
+    def classifier_free(path):  # on the schedule its own checkpoint was trained with
+        conditional, ckpt = src_classifier_free.load_conditional(path, device)
+        own = {k: v.to(device) for k, v in src_classifier_free.ddpm_schedule(**ckpt["config"]["schedule"]).items()}
+        return lambda: src_classifier_free.sample_guided(conditional, own, x_T, y, src_classifier_free.DEFAULT_WEIGHT,
                                                          50, bf16=bf16, progress=False)
 
     def one_step(chapter, kind):  # a distilled student: one call from noise to digit

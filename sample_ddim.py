@@ -304,7 +304,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
@@ -517,28 +520,39 @@ def sample_dpmpp(model, sched, x_T, steps, stochastic=False, spacing="uniform", 
         return dpmpp_solve(model, sched, x_T, timesteps, one, stochastic, bf16, generator, bar)
 
 
-@torch.no_grad()
-def sample_restart(model, sched, x_T, steps, spacing="uniform", bf16=False, generator=None, progress=True):
-    """Restart sampling (Xu et al. 2023) on DPM-Solver++(2M) SDE, `steps` model calls in all.
-    1. Walk the usual path (4/5 of the calls) down to t_min, its first visit at or below RESTART["t_min"].
-    2. Jump back up to t_max with the forward process in one go:
-       x_max = √(ᾱ_max/ᾱ_min) x_min + √(1 - ᾱ_max/ᾱ_min) z. Fresh noise shrinks the errors gathered so far.
-    3. Walk the stretch t_max -> t_min again (the remaining 1/5 of the calls), where this model's errors enter.
-    4. Carry on down the usual path to x_0.
-    Each stretch is one dpmpp_solve walk, so each ends with a first-order step that adds no fresh noise."""
+def restart_walks(steps, alpha_bar, spacing="uniform"):
+    """Restart's visits (Xu et al. 2023), `steps` in all, as three walks: the usual path (4/5 of the calls) down to
+    t_min, its first visit at or below RESTART["t_min"]; the stretch t_max -> t_min again (the other 1/5); the rest
+    of the usual path. Returns the three lists of timesteps, t_min and t_max."""
     restart_calls = max(1, steps // 5)
-    path = ddim_timesteps(steps - restart_calls, sched["alpha_bar"], spacing)
+    path = ddim_timesteps(steps - restart_calls, alpha_bar, spacing)
     k = next((i for i, t in enumerate(path) if t <= RESTART["t_min"]), len(path) - 1)  # first visit <= t_min
     t_min, t_max = path[k], RESTART["t_max"]
     again = np.linspace(t_max, t_min + 1, restart_calls).round().astype(int).tolist()  # the stretch, walked again
-    alpha_bar_min, alpha_bar_max = sched["alpha_bar"][t_min], sched["alpha_bar"][t_max]
+    return [path[:k], again, path[k:]], t_min, t_max
+
+
+def restart_jump(x, alpha_bar_min, alpha_bar_max, generator=None):
+    """Back up from the noise level ᾱ_min to the noisier ᾱ_max with the forward process in one go:
+    x_max = √(ᾱ_max/ᾱ_min) x_min + √(1 - ᾱ_max/ᾱ_min) z. The fresh noise z shrinks the errors gathered so far."""
+    z = torch.randn(x.shape, device=x.device, generator=generator)
+    return (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z
+
+
+@torch.no_grad()
+def sample_restart(model, sched, x_T, steps, spacing="uniform", bf16=False, generator=None, progress=True):
+    """Restart sampling (Xu et al. 2023) on DPM-Solver++(2M) SDE, `steps` model calls in all (restart_walks):
+    1. walk the usual path down to t_min; 2. jump back up to t_max (restart_jump); 3. walk the stretch
+    t_max -> t_min again, where this model's errors enter; 4. carry on down the usual path to x_0.
+    Each walk is one dpmpp_solve, so each ends with a first-order step that adds no fresh noise."""
+    (before, again, after), t_min, t_max = restart_walks(steps, sched["alpha_bar"], spacing)
+    alpha_bar_min = sched["alpha_bar"][t_min]
     one = torch.ones((), device=x_T.device)
     with tqdm(total=steps, desc=f"Restart {steps} steps", disable=not progress, leave=False) as bar:
-        x = dpmpp_solve(model, sched, x_T, path[:k], alpha_bar_min, True, bf16, generator, bar)  # 1.
-        z = torch.randn(x.shape, device=x.device, generator=generator)
-        x = (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z  # 2.
+        x = dpmpp_solve(model, sched, x_T, before, alpha_bar_min, True, bf16, generator, bar)  # 1.
+        x = restart_jump(x, alpha_bar_min, sched["alpha_bar"][t_max], generator)  # 2.
         x = dpmpp_solve(model, sched, x, again, alpha_bar_min, True, bf16, generator, bar)  # 3.
-        return dpmpp_solve(model, sched, x, path[k:], one, True, bf16, generator, bar)  # 4.
+        return dpmpp_solve(model, sched, x, after, one, True, bf16, generator, bar)  # 4.
 
 
 def run_sampler(name, model, sched, x_T, steps, args, bf16, generator):

@@ -330,7 +330,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables

@@ -49,7 +49,8 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
 SAMPLERS = {"ddim": (False, 0.0), "ddpm": (False, 1.0),  # name: (second order?, η); see sample_ddim.py
-            "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0)}
+            "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0), "restart": (True, 1.0)}
+RESTART = {"t_min": 100, "t_max": 400}  # restart: the stretch of timesteps walked twice, as in sample_ddim.py
 DEFAULT_SAMPLER = "dpmpp-2m-sde"  # chosen by measurement (accuracy per digit, FID, the grids): RESULTS.md
 CLASSIFIER_NAME = "noisy_classifier.pt"
 
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=positive_int, default=8, help="samples per digit and scale")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
                    help="ddim: deterministic DDIM; ddpm: the 1000-step ancestral sampler (ignores --steps); "
-                        "dpmpp-2m / dpmpp-2m-sde: DPM-Solver++(2M), deterministic / stochastic (sample_ddim.py)")
+                        "dpmpp-2m / dpmpp-2m-sde: DPM-Solver++(2M), deterministic / stochastic; restart: "
+                        "dpmpp-2m-sde that walks t = 400..100 twice (sample_ddim.py)")
     p.add_argument("--steps", type=positive_int, default=50, help="network calls per sample (not for --sampler ddpm)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per network call when sampling")
     p.add_argument("--data-root", default=os.environ.get("MNIST_ROOT", "./data"),
@@ -304,7 +306,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
@@ -564,30 +569,65 @@ def classifier_log_prob_grad(classifier, x, t, y):
         return torch.autograd.grad(chosen, x_in)[0]
 
 
+def restart_walks(steps, alpha_bar, spacing="uniform"):
+    """Restart's visits (Xu et al. 2023), `steps` in all, as three walks: the usual path (4/5 of the calls) down to
+    t_min, its first visit at or below RESTART["t_min"]; the stretch t_max -> t_min again (the other 1/5); the rest
+    of the usual path. Returns the three lists of timesteps, t_min and t_max."""
+    restart_calls = max(1, steps // 5)
+    path = ddim_timesteps(steps - restart_calls, alpha_bar, spacing)
+    k = next((i for i, t in enumerate(path) if t <= RESTART["t_min"]), len(path) - 1)  # first visit <= t_min
+    t_min, t_max = path[k], RESTART["t_max"]
+    again = np.linspace(t_max, t_min + 1, restart_calls).round().astype(int).tolist()  # the stretch, walked again
+    return [path[:k], again, path[k:]], t_min, t_max
+
+
+def restart_jump(x, alpha_bar_min, alpha_bar_max, generator=None):
+    """Back up from the noise level ᾱ_min to the noisier ᾱ_max with the forward process in one go:
+    x_max = √(ᾱ_max/ᾱ_min) x_min + √(1 - ᾱ_max/ᾱ_min) z. The fresh noise z shrinks the errors gathered so far."""
+    z = torch.randn(x.shape, device=x.device, generator=generator)
+    return (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z
+
+
+def sampler_walks(sampler, steps, sched):
+    """What a --sampler visits, as walks that each end on a noise level ᾱ: one walk down to the digit (ᾱ = 1), or for
+    restart three (restart_walks), the second starting after a jump back up to t_max. Returns the walks (lists of
+    timesteps), the ᾱ each ends on, and t_max (None: no jump)."""
+    one = torch.ones((), device=sched["alpha_bar"].device)
+    if sampler != "restart":
+        T = sched["alpha_bar"].shape[0]
+        return [ddim_timesteps(T if sampler == "ddpm" else steps, sched["alpha_bar"])], [one], None
+    walks, t_min, t_max = restart_walks(steps, sched["alpha_bar"])
+    return walks, [sched["alpha_bar"][t_min]] * 2 + [one], t_max
+
+
 @torch.no_grad()
 def sample_guided(model, classifier, sched, x_T, y, scale, steps, sampler=DEFAULT_SAMPLER, bf16=False, generator=None,
                   progress=True):
-    """Any of this chapter's --sampler choices (not restart), with the classifier-guided ε̂, in `steps` network calls
-    (ddpm: all T)."""
+    """Any of this chapter's --sampler choices, with the classifier-guided ε̂, in `steps` network calls (ddpm: all T)."""
     second_order, eta = SAMPLERS[sampler]
-    T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, sched["alpha_bar"])
-    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
-    x, previous = x_T, None
-    for i, t in enumerate(tqdm(timesteps, desc=f"guided sampling, scale {scale:g}", disable=not progress,
-                               leave=False)):
-        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred_noise = model(x, t_batch).float()
-        if scale != 0:
-            # ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇ log p_φ(y | x_t, t): nudge the noise estimate so that the step
-            # lands where the classifier is more sure of y. This is the score form of guidance (Dhariwal & Nichol's
-            # Algorithm 2), used here with every sampler - the 1000-step ancestral one too, where their Algorithm 1
-            # shifts the step's mean by s·σ_t²·∇ log p_φ instead. Both push each step towards class y.
-            grad = classifier_log_prob_grad(classifier, x, t_batch, y)
-            pred_noise = pred_noise - scale * (1 - alpha_bars[i]).sqrt() * grad
-        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
-        x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise)
+    walks, ends, t_max = sampler_walks(sampler, steps, sched)
+    x = x_T
+    with tqdm(total=sum(map(len, walks)), desc=f"guided sampling, scale {scale:g}", disable=not progress,
+              leave=False) as bar:
+        for w, (timesteps, end) in enumerate(zip(walks, ends)):
+            if w == 1:  # restart: back up to t_max, then walk the stretch again
+                x = restart_jump(x, ends[0], sched["alpha_bar"][t_max], generator)
+            alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [end]
+            previous = None
+            for i, t in enumerate(timesteps):
+                t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred_noise = model(x, t_batch).float()
+                if scale != 0:
+                    # ε̂ = ε_θ(x_t, t) - s · √(1-ᾱ_t) · ∇ log p_φ(y | x_t, t): nudge the noise estimate so that the
+                    # step lands where the classifier is more sure of y. This is the score form of guidance (Dhariwal
+                    # & Nichol's Algorithm 2), used here with every sampler - the 1000-step ancestral one too, where
+                    # their Algorithm 1 shifts the step's mean by s·σ_t²·∇ log p_φ instead. Both push towards y.
+                    grad = classifier_log_prob_grad(classifier, x, t_batch, y)
+                    pred_noise = pred_noise - scale * (1 - alpha_bars[i]).sqrt() * grad
+                noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+                x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise)
+                bar.update(1)
     return x
 
 
@@ -626,6 +666,8 @@ def save_npz(args, scale, images, y, sampler_name, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.sampler == "restart" and args.steps < 5:
+        fail(f"--sampler restart needs --steps >= 5 (a fifth of them walk t = 400..100 again), got {args.steps}")
     device = pick_device(args.device)
     bf16, bf16_why = use_bf16(args.bf16, device)
     ckpt = load_checkpoint(args.checkpoint, device)

@@ -3,6 +3,7 @@ Chapter 5 - classifier-FREE guidance (Ho & Salimans 2022): one conditional model
 
 Usage (copy-paste):
     python src_classifier_free.py --minutes 10          # trains a class-conditional DDPM, then guided grids
+    python src_classifier_free.py --minutes 10 --recipe first   # the DDPM paper's recipe instead of chapter 1's
     python src_classifier_free.py --sample-only --weights 0 1 2 3 5
     python src_classifier_free.py --sample-only --num-samples 200 --weights 2.5 --save-npz cf.npz   # evaluate.py
 
@@ -47,9 +48,18 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 FINAL_NAME = "classifier_free_model_final.pt"
 LAST_NAME = "classifier_free_model_last.pt"
 SCHEDULE = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02}  # the DDPM paper's linear noise schedule, as in src.py
+COSINE_SCHEDULE = {"T": 1000, "kind": "cosine"}  # Improved DDPM's, src.py's CPU default
+# Chapter 1's two recipes (src.py; why each part is there: notes/1-ddpm.md). "laptop": the CPU width 16's - a bold
+# learning rate with Muon for the weight matrices, the cosine schedule with noisier levels drawn more often and a
+# longer warm-up, the upsampling convs at the low resolution, EDM's scaling. "first": the DDPM paper's, with AdamW.
+RECIPES = {"laptop": {"lr": 8e-3, "optimizer": "muon", "muon_lr": 0.02, "warmup_steps": 500, "noise_shift": 1.0,
+                      "schedule": COSINE_SCHEDULE, "upsample": "conv-first", "sigma_data": 0.5},
+           "first": {"lr": 2e-3, "optimizer": "adamw", "muon_lr": None, "warmup_steps": 200, "noise_shift": 0.0,
+                     "schedule": SCHEDULE}}
 NULL_CLASS = 10  # the label that means "no label": index 10 of the class embedding
 SAMPLERS = {"ddim": (False, 0.0), "ddpm": (False, 1.0),  # name: (second order?, η); see sample_ddim.py
-            "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0)}
+            "dpmpp-2m": (True, 0.0), "dpmpp-2m-sde": (True, 1.0), "restart": (True, 1.0)}
+RESTART = {"t_min": 100, "t_max": 400}  # restart: the stretch of timesteps walked twice, as in sample_ddim.py
 DEFAULT_SAMPLER = "dpmpp-2m-sde"  # chosen by measurement (accuracy per digit, FID, the grids): RESULTS.md
 DEFAULT_WEIGHT = 2.5  # the guided weight w: chosen by measurement, every digit >= 99% judged right (RESULTS.md)
 
@@ -64,10 +74,16 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=positive_float, default=None,
                    help="wall-clock training budget; then it still saves and samples")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per training (and sampling) step")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="laptop: chapter 1's CPU recipe (Muon, cosine schedule, EDM's scaling; see RECIPES); first: "
+                        "the DDPM paper's. Default: laptop for the CPU width 16, first for wider UNets (as src.py)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak AdamW learning rate (with Muon: of the parameters it leaves to AdamW). Default: the "
+                        "recipe's")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up. Default: the recipe's")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
-    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting, as in src.py")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="Min-SNR loss weighting, as in src.py (not with the laptop recipe's EDM scaling)")
     p.add_argument("--p-uncond", type=probability, default=0.1, help="probability of dropping the label in training")
     p.add_argument("--base-channels", type=positive_int, default=None,
                    help="UNet width at 28x28; default 16 on a CPU and on Apple MPS, 64 on a CUDA GPU (as src.py)")
@@ -79,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=positive_int, default=8, help="samples per digit and weight")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
                    help="ddim: deterministic DDIM; ddpm: the 1000-step ancestral sampler (ignores --steps); "
-                        "dpmpp-2m / dpmpp-2m-sde: DPM-Solver++(2M), deterministic / stochastic (sample_ddim.py)")
+                        "dpmpp-2m / dpmpp-2m-sde: DPM-Solver++(2M), deterministic / stochastic; restart: "
+                        "dpmpp-2m-sde that walks t = 400..100 twice (sample_ddim.py)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bfloat16 autocast; auto = on for CUDA and for CPUs with native bf16, off on MPS")
@@ -325,7 +342,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
@@ -355,19 +375,25 @@ class UNet(nn.Module):
 
 
 class ConditionalUNet(UNet):
-    """ε_θ(x_t, t, y): the same UNet, plus a learned embedding per label (10 digits + the null class) that is
-    added to the timestep embedding - so every ResBlock knows both the noise level and the digit."""
+    """ε_θ(x_t, t, y): the same UNet (with sigma_data, EDM's scaling too), plus a learned embedding per label (10
+    digits + the null class) that is added to the timestep embedding - so every ResBlock knows the noise level and
+    the digit."""
 
-    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True):
-        super().__init__(base_channels, channel_mults, attention)
+    def __init__(self, base_channels=16, channel_mults=(1, 2, 4), attention=True, conv_first=False,
+                 sigma_data=None, alpha_bar=None):
+        super().__init__(base_channels, channel_mults, attention, conv_first, sigma_data, alpha_bar)
         self.class_emb = nn.Embedding(NULL_CLASS + 1, 4 * base_channels)
 
     def forward(self, x, t, y):
-        return self.trunk(x, self.time_mlp(timestep_embedding(t, self.base_channels)) + self.class_emb(y))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)) + self.class_emb(y))
 
 
 def build_conditional_model(config):
-    return ConditionalUNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"])
+    # As src.py's build_model: a config without "upsample" or "sigma_data" (the first recipe's) builds that model.
+    sigma_data = config.get("sigma_data")
+    alpha_bar = ddpm_schedule(**config["schedule"])["alpha_bar"] if sigma_data is not None else None
+    return ConditionalUNet(config["base_channels"], tuple(config["channel_mults"]), config["attention"],
+                           config.get("upsample") == "conv-first", sigma_data, alpha_bar)
 
 
 def load_checkpoint(path, device, kind="ddpm", script="src.py"):
@@ -476,6 +502,72 @@ def solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise
     return x, (pred_x0, h)
 
 
+def orthogonalize(G, steps=5):
+    """The matrix nearest to G whose singular values are all 1 (U·Vᵀ of G's SVD), roughly, by a quintic Newton-
+    Schulz iteration: matrix products only, no SVD. Jordan et al. (2024) tuned a, b, c so that five steps take every
+    singular value above about 1/300 of G's norm to between about 0.7 and 1.2: close enough for a step's direction.
+    (A smaller one grows by a⁵ ≈ 490: still far more, relative to the rest, than the gradient gave it.)"""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    wide = G.shape[0] <= G.shape[1]
+    X = G if wide else G.T  # work with the smaller of X·Xᵀ and Xᵀ·X
+    X = X / (X.norm() + 1e-7)  # the Frobenius norm is at least the largest singular value: all now <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X  # each singular value s becomes a·s + b·s³ + c·s⁵
+    return X if wide else X.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the hidden layers' weight matrices, AdamW for every other parameter.
+    Adam scales each number of the gradient on its own. Muon reads a layer's weights as one matrix (a conv's as
+    out_channels x in_channels·3·3), keeps a momentum of its gradient, and steps along that momentum with all its
+    singular values set to 1: directions the gradient hardly pushes move as far as the dominant ones. The stem and
+    the head (one image channel in or out), the biases and the norms' scales stay with AdamW (weight decay 0)."""
+
+    def __init__(self, model, lr, adamw_lr, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
+        named = list(model.named_parameters())
+        hidden = [p.ndim >= 2 and not name.startswith(("stem.", "head.")) for name, p in named]
+        groups = [{"params": [p for (_, p), h in zip(named, hidden) if h], "lr": lr, "muon": True},
+                  {"params": [p for (_, p), h in zip(named, hidden) if not h], "lr": adamw_lr, "muon": False}]
+        super().__init__(groups, {"momentum": momentum, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if group["muon"]:
+                    momentum = state.setdefault("momentum", torch.zeros_like(p)).mul_(group["momentum"]).add_(p.grad)
+                    ahead = p.grad + group["momentum"] * momentum  # Nesterov: where the momentum is heading
+                    update = orthogonalize(ahead.reshape(len(p), -1))
+                    # a tall matrix's unit singular values spread over more rows: √(rows/cols) evens the step size
+                    scale = max(1.0, update.shape[0] / update.shape[1]) ** 0.5
+                    p.add_(update.view_as(p), alpha=-group["lr"] * scale)
+                else:  # AdamW's update, written out (weight decay 0)
+                    state["step"] = state.get("step", 0) + 1
+                    beta1, beta2 = group["betas"]
+                    m = state.setdefault("exp_avg", torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
+                    v = state.setdefault("exp_avg_sq", torch.zeros_like(p)).lerp_(p.grad ** 2, 1 - beta2)
+                    m_hat, v_hat = m / (1 - beta1 ** state["step"]), v / (1 - beta2 ** state["step"])
+                    p.addcdiv_(m_hat, v_hat.sqrt() + group["eps"], value=-group["lr"])
+
+
+def make_optimizer(model, args):
+    if args.optimizer == "muon":
+        return Muon(model, lr=args.muon_lr, adamw_lr=args.lr)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+
+def timestep_probs(alpha_bar, shift):
+    """How often training draws each t. Each t is a noise level λ_t = log SNR = log(ᾱ_t / (1 - ᾱ_t)). On the cosine
+    schedule, uniform t visits them with density ∝ 1/cosh(λ/2): centred on λ = 0, where signal and noise are
+    equal. Multiplying by cosh(λ/2) / cosh((λ + shift)/2) moves that centre to λ = -shift: with shift = 1 the
+    noisiest levels are drawn e ≈ 2.7 times as often as the cleanest, relative to uniform (shift = 0)."""
+    log_snr = torch.log(alpha_bar / (1 - alpha_bar))
+    weights = torch.cosh(log_snr / 2) / torch.cosh((log_snr + shift) / 2)
+    return weights / weights.sum()
+
+
 class EMA:
     """Exponential moving average of the weights: a smoother model that samples visibly better."""
 
@@ -513,15 +605,20 @@ def drop_labels(y, p_uncond):
     return torch.where(drop, torch.full_like(y, NULL_CLASS), y)
 
 
-def conditional_loss(model, x0, y, sched, min_snr_gamma=5.0):
-    """The DDPM loss ‖ε - ε_θ(x_t, t, y)‖² (min-SNR weighted, as in src.py), now with a label."""
+def conditional_loss(model, x0, y, sched, min_snr_gamma=5.0, t_probs=None):
+    """src.py's diffusion_loss (the same draw of t and the same weights), now with a label: ‖ε - ε_θ(x_t, t, y)‖²."""
     T = sched["alpha_bar"].shape[0]
-    t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+    if t_probs is None:
+        t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
+    else:
+        t = torch.multinomial(t_probs, x0.shape[0], replacement=True)  # noisier levels more often (timestep_probs)
     noise = torch.randn_like(x0)
     pred_noise = model(q_sample(x0, t, noise, sched), t, y)
     per_sample = (pred_noise.float() - noise).pow(2).mean(dim=(1, 2, 3))
-    if min_snr_gamma > 0:
-        snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
+    snr = sched["alpha_bar"][t] / (1 - sched["alpha_bar"][t])
+    if model.sigma_data is not None:
+        per_sample = per_sample * (1 + 1 / (model.sigma_data ** 2 * snr))  # EDM's weight, in Min-SNR's place
+    elif min_snr_gamma > 0:
         per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
     return per_sample.mean()
 
@@ -533,22 +630,58 @@ def guided_noise(model, x, t_batch, y, weight):
     return uncond + weight * (cond - uncond)
 
 
+def restart_walks(steps, alpha_bar, spacing="uniform"):
+    """Restart's visits (Xu et al. 2023), `steps` in all, as three walks: the usual path (4/5 of the calls) down to
+    t_min, its first visit at or below RESTART["t_min"]; the stretch t_max -> t_min again (the other 1/5); the rest
+    of the usual path. Returns the three lists of timesteps, t_min and t_max."""
+    restart_calls = max(1, steps // 5)
+    path = ddim_timesteps(steps - restart_calls, alpha_bar, spacing)
+    k = next((i for i, t in enumerate(path) if t <= RESTART["t_min"]), len(path) - 1)  # first visit <= t_min
+    t_min, t_max = path[k], RESTART["t_max"]
+    again = np.linspace(t_max, t_min + 1, restart_calls).round().astype(int).tolist()  # the stretch, walked again
+    return [path[:k], again, path[k:]], t_min, t_max
+
+
+def restart_jump(x, alpha_bar_min, alpha_bar_max, generator=None):
+    """Back up from the noise level ᾱ_min to the noisier ᾱ_max with the forward process in one go:
+    x_max = √(ᾱ_max/ᾱ_min) x_min + √(1 - ᾱ_max/ᾱ_min) z. The fresh noise z shrinks the errors gathered so far."""
+    z = torch.randn(x.shape, device=x.device, generator=generator)
+    return (alpha_bar_max / alpha_bar_min).sqrt() * x + (1 - alpha_bar_max / alpha_bar_min).sqrt() * z
+
+
+def sampler_walks(sampler, steps, sched):
+    """What a --sampler visits, as walks that each end on a noise level ᾱ: one walk down to the digit (ᾱ = 1), or for
+    restart three (restart_walks), the second starting after a jump back up to t_max. Returns the walks (lists of
+    timesteps), the ᾱ each ends on, and t_max (None: no jump)."""
+    one = torch.ones((), device=sched["alpha_bar"].device)
+    if sampler != "restart":
+        T = sched["alpha_bar"].shape[0]
+        return [ddim_timesteps(T if sampler == "ddpm" else steps, sched["alpha_bar"])], [one], None
+    walks, t_min, t_max = restart_walks(steps, sched["alpha_bar"])
+    return walks, [sched["alpha_bar"][t_min]] * 2 + [one], t_max
+
+
 @torch.no_grad()
 def sample_guided(model, sched, x_T, y, weight, steps, sampler=DEFAULT_SAMPLER, bf16=False, generator=None,
                   progress=True):
-    """Any of this chapter's --sampler choices (not restart), with the classifier-free guided ε̂, in `steps` network
-    calls (ddpm: all T)."""
+    """Any of this chapter's --sampler choices, with the classifier-free guided ε̂, in `steps` network calls (ddpm:
+    all T)."""
     second_order, eta = SAMPLERS[sampler]
-    T = sched["alpha_bar"].shape[0]
-    timesteps = ddim_timesteps(T if sampler == "ddpm" else steps, sched["alpha_bar"])
-    alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [torch.ones((), device=x_T.device)]  # ..., x_0
-    x, previous = x_T, None
-    for i, t in enumerate(tqdm(timesteps, desc=f"sampling, w={weight:g}", disable=not progress, leave=False)):
-        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred_noise = guided_noise(model, x, t_batch, y, weight)
-        noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
-        x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise)
+    walks, ends, t_max = sampler_walks(sampler, steps, sched)
+    x = x_T
+    with tqdm(total=sum(map(len, walks)), desc=f"sampling, w={weight:g}", disable=not progress, leave=False) as bar:
+        for w, (timesteps, end) in enumerate(zip(walks, ends)):
+            if w == 1:  # restart: back up to t_max, then walk the stretch again
+                x = restart_jump(x, ends[0], sched["alpha_bar"][t_max], generator)
+            alpha_bars = [sched["alpha_bar"][t] for t in timesteps] + [end]
+            previous = None
+            for i, t in enumerate(timesteps):
+                t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred_noise = guided_noise(model, x, t_batch, y, weight)
+                noise = torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else torch.zeros_like(x)
+                x, previous = solver_step(x, pred_noise, alpha_bars, i, previous, second_order, eta, noise)
+                bar.update(1)
     return x
 
 
@@ -572,8 +705,10 @@ def train(args, config, device, bf16):
     sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}
     model = build_conditional_model(config).to(device)
     print(f"conditional UNet "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | p_uncond {args.p_uncond}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | p_uncond {args.p_uncond} | "
+          f"{args.recipe} recipe")
+    optimizer = make_optimizer(model, args)
+    t_probs = timestep_probs(sched["alpha_bar"], args.noise_shift) if args.noise_shift else None
     ema = EMA(model, args.ema_decay)
     steps_per_epoch = len(data) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -595,12 +730,13 @@ def train(args, config, device, bf16):
                 elapsed = time.time() - start
                 if step >= total_steps or elapsed >= budget_s:
                     break
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
+                rate = learning_rate(args, step, max(step / total_steps, elapsed / budget_s))
+                for group in optimizer.param_groups:  # Muon's matrices follow the same curve to their own peak
+                    group["lr"] = rate * args.muon_lr / args.lr if group.get("muon") else rate
                 idx = order[i * args.batch_size:(i + 1) * args.batch_size]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = conditional_loss(model, data[idx], drop_labels(labels[idx], args.p_uncond), sched,
-                                            args.min_snr_gamma)
+                                            args.min_snr_gamma, t_probs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -644,6 +780,8 @@ def save_rows(rows, row_labels, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.sampler == "restart" and args.steps < 5:
+        fail(f"--sampler restart needs --steps >= 5 (a fifth of them walk t = 400..100 again), got {args.steps}")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
@@ -656,9 +794,15 @@ def main(argv=None):
         model, ckpt = load_conditional(os.path.join(args.out_dir, FINAL_NAME), device)
         config = ckpt["config"]
     else:
-        config = {"base_channels": args.base_channels or (64 if device.type == "cuda" else 16),
-                  "channel_mults": [1, 2, 4], "attention": not args.no_attention,
-                  "schedule": SCHEDULE, "p_uncond": args.p_uncond}
+        base_channels = args.base_channels or (64 if device.type == "cuda" else 16)
+        args.recipe = args.recipe or ("laptop" if base_channels <= 16 else "first")  # as src.py picks
+        recipe = RECIPES[args.recipe]
+        args.lr = args.lr or recipe["lr"]
+        args.warmup_steps = recipe["warmup_steps"] if args.warmup_steps is None else args.warmup_steps
+        args.optimizer, args.muon_lr, args.noise_shift = recipe["optimizer"], recipe["muon_lr"], recipe["noise_shift"]
+        config = {"base_channels": base_channels, "channel_mults": [1, 2, 4], "attention": not args.no_attention,
+                  "schedule": recipe["schedule"], "p_uncond": args.p_uncond, "recipe": args.recipe}
+        config.update({k: recipe[k] for k in ("upsample", "sigma_data") if k in recipe})
         signal.signal(signal.SIGINT, signal.default_int_handler)
         model = train(args, config, device, bf16)
     sched = {k: v.to(device) for k, v in ddpm_schedule(**config["schedule"]).items()}

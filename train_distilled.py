@@ -62,8 +62,10 @@ def parse_args(argv=None):
                    help="the teacher's DDIM steps per pair (generating the pairs takes minutes on a CPU, once)")
     p.add_argument("--epochs", type=positive_int, default=16, help="passes over the pairs")
     p.add_argument("--minutes", type=positive_float, default=30.0,
-                   help="wall-clock budget for the whole run, teacher pairs + training: training stops after "
-                        "--epochs or when the budget is spent, whichever comes first; then it still saves and samples")
+                   help="wall-clock budget for the whole run, teacher pairs + training: a few seconds' probe measures "
+                        "this machine's speed and cuts --pairs and the student steps (--epochs) alike to fit (a shorter run of the "
+                        "same recipe); "
+                        "then it still saves and samples")
     p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per training step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--loss", choices=["l1-clip", "l1", "mse"], default="l1-clip",
@@ -279,7 +281,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
@@ -477,6 +482,32 @@ def make_pairs(args, teacher, sched, device, bf16, settings):
     return z, x0.float()
 
 
+def cached_pair_count(out_dir, settings):
+    """How many pairs OUT_DIR/distill_pairs.pt holds when this teacher made them with these settings (their number
+    aside), else 0. A cache from an earlier run is used whole, and the budget then goes to training."""
+    try:
+        cached = torch.load(os.path.join(out_dir, PAIRS_NAME), map_location="cpu", weights_only=True)["settings"]
+    except Exception:  # none yet, or unreadable: make_pairs says which and makes new ones
+        return 0
+    same = {k: v for k, v in cached.items() if k != "pairs"} == {k: v for k, v in settings.items() if k != "pairs"}
+    return cached["pairs"] if same else 0
+
+
+def teacher_seconds_per_pair(teacher, sched, steps, device, bf16):
+    """What one teacher pair costs on this machine: one timed DDIM run on 128 noises, after a warm-up run."""
+    with torch.random.fork_rng():  # the probe leaves the run's random numbers as they were
+        z = torch.randn(128, 1, 28, 28, device=device)
+        return time_per_image(lambda: sample_ddim(teacher, sched, z, steps, bf16=bf16, progress=False), len(z), device)
+
+
+def fit_budget(budget_s, work, seconds_each):
+    """The share (at most 1) of the planned work that fits in budget_s. Every phase is cut by the same share, so a
+    slower machine runs a shorter run of the same recipe, not the first phases in full and the last one cut short.
+    work: the units each phase plans (pairs, steps); seconds_each: what one unit costs, measured on this machine."""
+    needed = sum(n * s for n, s in zip(work, seconds_each))
+    return 1.0 if needed <= budget_s else budget_s / needed
+
+
 def distill_loss(pred_x0, target_x0, kind):
     """How far the student's digit is from the target digit, averaged over pixels.
 
@@ -528,19 +559,52 @@ def resume(path, student, ema, optimizer, device):
     return ckpt["step"], list(ckpt["losses"])
 
 
+def student_step(student, optimizer, z, x0, t, loss_kind, bf16):
+    """One update: the student's one call from noise z is pulled toward the teacher's digit x_0 for that z."""
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = distill_loss(student(z, t).float(), x0, loss_kind)  # student(z) ≈ x_0
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def plan(args, teacher, student, sched, settings, t, device, bf16, run_start):
+    """How many pairs and student steps fit --minutes here: what a pair and a step cost is measured (a few seconds),
+    and both are cut alike (fit_budget). Sets settings["pairs"]; returns the number of student steps."""
+    cached = cached_pair_count(args.out_dir, settings)
+    pair_s = 0.0 if cached else teacher_seconds_per_pair(teacher, sched, args.teacher_steps, device, bf16)
+    probe = copy.deepcopy(student)  # a throwaway copy: the probe's steps do not count
+    probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=0.0)
+    with torch.random.fork_rng():
+        z = torch.randn(args.batch_size, 1, 28, 28, device=device)
+        step_s = time_per_image(lambda: [student_step(probe, probe_optimizer, z, z.clamp(-1, 1), t, args.loss, bf16)
+                                         for _ in range(3)], 3, device)
+    pairs, budget_s = cached or args.pairs, args.minutes * 60 - (time.time() - run_start)
+    share = fit_budget(budget_s, [0 if cached else pairs, args.epochs * (pairs // args.batch_size)], [pair_s, step_s])
+    settings["pairs"] = pairs if cached else max(args.batch_size, round(pairs * share))
+    total_steps = round(args.epochs * (settings["pairs"] // args.batch_size) * (share if cached else 1.0))
+    made = "cached" if cached else f"{pair_s * 1e3:.1f} ms each"
+    print(f"plan for --minutes {args.minutes:g} on this machine: {settings['pairs']} pairs ({made}) + {total_steps} "
+          f"student steps ({step_s * 1e3:.0f} ms each), {share:.0%} of the full recipe")
+    return total_steps
+
+
 def train(args, teacher, ckpt_config, sched, device, bf16):
     """Regress the student's one step onto the teacher's cached digits, for --epochs or until the budget is spent."""
     run_start = time.time()  # --minutes covers the pairs too: what they take, training doesn't get
     T = sched["alpha_bar"].shape[0]
     settings = {"teacher": file_fingerprint(args.checkpoint), "teacher_steps": args.teacher_steps,
                 "pairs": args.pairs, "seed": args.seed, "schedule": ckpt_config["schedule"], "bf16": bf16}
-    z_all, x0_all = (v.to(device) for v in make_pairs(args, teacher, sched, device, bf16, settings))
-    total_steps = args.epochs * (len(z_all) // args.batch_size)
-    if total_steps < 1:
-        fail(f"--batch-size {args.batch_size} is larger than the {len(z_all)} --pairs")
     student = student_from(teacher).train().requires_grad_(True)  # start from the teacher's weights
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     ema = EMA(student, args.ema_decay)
+    t = torch.full((args.batch_size,), T - 1, device=device)  # the student always starts from pure noise
+    total_steps = plan(args, teacher, student, sched, settings, t, device, bf16, run_start)
+    if total_steps < 1:
+        fail(f"--batch-size {args.batch_size} is larger than the {settings['pairs']} --pairs")
+    z_all, x0_all = (v.to(device) for v in make_pairs(args, teacher, sched, device, bf16, settings))
     last_path = os.path.join(args.out_dir, LAST_NAME)
     step, losses = resume(last_path, student, ema, optimizer, device) if args.resume else (0, [])
 
@@ -556,22 +620,15 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
         fail(f"the teacher pairs used the whole --minutes {args.minutes:g} budget; they are cached now: run the "
              f"same command again to train, or raise --minutes")
     start = time.time()
-    t = torch.full((args.batch_size,), T - 1, device=device)  # the student always starts from pure noise
     bar = tqdm(total=total_steps, initial=step, desc="training the student", unit="step")
     try:
         while step < total_steps and time.time() - start < budget_s:
             for group in optimizer.param_groups:  # the learning rate decays by steps or by time, whichever is further
                 group["lr"] = learning_rate(args, step, max(step / total_steps, (time.time() - start) / budget_s))
             idx = torch.randint(0, len(z_all), (args.batch_size,), device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = distill_loss(student(z_all[idx], t).float(), x0_all[idx], args.loss)  # student(z) ≈ x_0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
+            losses.append(student_step(student, optimizer, z_all[idx], x0_all[idx], t, args.loss, bf16))
             ema.update(student, step)
             step += 1
-            losses.append(loss.item())
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")

@@ -77,8 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=6000,
                    help="phase 2: generator updates by distribution matching + regression")
     p.add_argument("--minutes", type=positive_float, default=45.0,
-                   help="wall-clock budget for the whole run, teacher pairs + training: training stops after "
-                        "--steps or when the budget is spent, whichever comes first; then it still saves and samples")
+                   help="wall-clock budget for the whole run, teacher pairs + training: a few seconds' probe measures "
+                        "this machine's speed and cuts --pairs, --regression-steps and --steps alike to fit (a shorter run of the "
+                        "same recipe); "
+                        "then it still saves and samples")
     p.add_argument("--batch-size", type=positive_int, default=32, help="generator digits (and pairs) per update")
     p.add_argument("--fake-updates", type=positive_int, default=2,
                    help="fake-score updates per generator update (DMD2's two time-scale rule)")
@@ -311,7 +313,10 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
 
     def forward(self, x, t):
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        return self.denoise(x, t, self.time_mlp(timestep_embedding(t, self.base_channels)))
+
+    def denoise(self, x, t, emb):
+        """ε, given the embedding of what the model is conditioned on (here: the timestep t alone)."""
         if self.sigma_data is None:
             return self.trunk(x, emb)  # the layers' output is ε itself
         # EDM preconditioning (Karras et al. 2022, Sec. 5 and Table 1) on this schedule. In EDM's variables
@@ -543,6 +548,32 @@ def make_pairs(args, teacher, sched, device, bf16, settings):
     return z, x0.float()
 
 
+def cached_pair_count(out_dir, settings):
+    """How many pairs OUT_DIR/distill_pairs.pt holds when this teacher made them with these settings (their number
+    aside), else 0. A cache from an earlier run is used whole, and the budget then goes to training."""
+    try:
+        cached = torch.load(os.path.join(out_dir, PAIRS_NAME), map_location="cpu", weights_only=True)["settings"]
+    except Exception:  # none yet, or unreadable: make_pairs says which and makes new ones
+        return 0
+    same = {k: v for k, v in cached.items() if k != "pairs"} == {k: v for k, v in settings.items() if k != "pairs"}
+    return cached["pairs"] if same else 0
+
+
+def teacher_seconds_per_pair(teacher, sched, steps, device, bf16):
+    """What one teacher pair costs on this machine: one timed DDIM run on 128 noises, after a warm-up run."""
+    with torch.random.fork_rng():  # the probe leaves the run's random numbers as they were
+        z = torch.randn(128, 1, 28, 28, device=device)
+        return time_per_image(lambda: sample_ddim(teacher, sched, z, steps, bf16=bf16, progress=False), len(z), device)
+
+
+def fit_budget(budget_s, work, seconds_each):
+    """The share (at most 1) of the planned work that fits in budget_s. Every phase is cut by the same share, so a
+    slower machine runs a shorter run of the same recipe, not the first phases in full and the last one cut short.
+    work: the units each phase plans (pairs, steps); seconds_each: what one unit costs, measured on this machine."""
+    needed = sum(n * s for n, s in zip(work, seconds_each))
+    return 1.0 if needed <= budget_s else budget_s / needed
+
+
 def distill_loss(pred_x0, target_x0, kind):
     """How far the student's digit is from the target digit, averaged over pixels.
 
@@ -686,14 +717,56 @@ def setup(args, teacher, device):
     return generator, ema, fake, optimizers, step, losses
 
 
+def train_step(args, generator, fake, optimizers, teacher, z_all, x0_all, sched, matching, bf16):
+    """One generator update: regression onto a batch of cached pairs, and in phase 2 (matching) distribution matching
+    too, after --fake-updates steps of the fake score. Returns the three losses (NaN: not used this step)."""
+    B, device = args.batch_size, z_all.device
+    # two time-scales (DMD2): the fake score takes several steps per generator step, to keep up with it
+    fake_losses = [fake_score_step(fake, optimizers[1], generator, torch.randn(B, 1, 28, 28, device=device), sched,
+                                   bf16) for _ in range(args.fake_updates if matching else 0)]
+    idx = torch.randint(0, len(z_all), (B,), device=device)
+    z = torch.randn(B, 1, 28, 28, device=device) if matching else None  # fresh noise: phase 2 only
+    loss, loss_dm, loss_reg = generator_loss(generator, teacher, fake if matching else None, z, z_all[idx],
+                                             x0_all[idx], sched, args.reg_weight, bf16)
+    optimizers[0].zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
+    optimizers[0].step()
+    return loss_dm, loss_reg, float(np.mean(fake_losses)) if fake_losses else float("nan")
+
+
+def plan(args, teacher, generator, fake, sched, settings, device, bf16, run_start):
+    """How many pairs, regression steps and DMD steps fit --minutes here: what each costs is measured (a few seconds,
+    real steps on throwaway copies) and all three are cut alike (fit_budget). Sets settings["pairs"], and
+    args.regression_steps and args.steps to the plan."""
+    cached = cached_pair_count(args.out_dir, settings)
+    pair_s = 0.0 if cached else teacher_seconds_per_pair(teacher, sched, args.teacher_steps, device, bf16)
+    probe = [copy.deepcopy(generator), copy.deepcopy(fake)]
+    probe_optimizers = [torch.optim.AdamW(m.parameters(), lr=0.0) for m in probe]
+    with torch.random.fork_rng():  # the probe leaves the run's random numbers as they were
+        z = torch.randn(args.batch_size, 1, 28, 28, device=device)
+        reg_s, dmd_s = (time_per_image(lambda: [train_step(args, *probe, probe_optimizers, teacher, z, z.clamp(-1, 1),
+                                                           sched, matching, bf16) for _ in range(3)], 3, device)
+                        for matching in (False, True))
+    pairs, budget_s = cached or args.pairs, args.minutes * 60 - (time.time() - run_start)
+    share = fit_budget(budget_s, [0 if cached else pairs, args.regression_steps, args.steps], [pair_s, reg_s, dmd_s])
+    settings["pairs"] = pairs if cached else max(args.batch_size, round(pairs * share))
+    args.regression_steps, args.steps = round(args.regression_steps * share), max(1, round(args.steps * share))
+    made = "cached" if cached else f"{pair_s * 1e3:.1f} ms each"
+    print(f"plan for --minutes {args.minutes:g} on this machine: {settings['pairs']} pairs ({made}) + "
+          f"{args.regression_steps} regression steps ({reg_s * 1e3:.0f} ms each) + {args.steps} DMD steps "
+          f"({dmd_s * 1e3:.0f} ms each), {share:.0%} of the full recipe")
+
+
 def train(args, teacher, ckpt_config, sched, device, bf16):
     """Phase 1: --regression-steps of regression alone. Phase 2: --steps of fake-score updates alternating with
     generator updates (distribution matching + regression). Stops early when the budget is spent."""
     run_start = time.time()  # --minutes covers the pairs too: what they take, training doesn't get
     settings = {"teacher": file_fingerprint(args.checkpoint), "teacher_steps": args.teacher_steps,
                 "pairs": args.pairs, "seed": args.seed, "schedule": ckpt_config["schedule"], "bf16": bf16}
-    z_all, x0_all = (v.to(device) for v in make_pairs(args, teacher, sched, device, bf16, settings))
     generator, ema, fake, optimizers, step, losses = setup(args, teacher, device)
+    plan(args, teacher, generator, fake, sched, settings, device, bf16, run_start)
+    z_all, x0_all = (v.to(device) for v in make_pairs(args, teacher, sched, device, bf16, settings))
     last_path = os.path.join(args.out_dir, LAST_NAME)
 
     def save(final=False):
@@ -704,7 +777,7 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
     if budget_s <= 0:
         fail(f"the teacher pairs used the whole --minutes {args.minutes:g} budget; they are cached now: run the "
              f"same command again to train, or raise --minutes")
-    start, B, total = time.time(), args.batch_size, args.regression_steps + args.steps
+    start, total = time.time(), args.regression_steps + args.steps
     bar = tqdm(total=total, initial=step, desc="regression warm-up, then DMD", unit="step")
     try:
         while step < total and time.time() - start < budget_s:
@@ -713,22 +786,11 @@ def train(args, teacher, ckpt_config, sched, device, bf16):
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            # two time-scales (DMD2): the fake score takes several steps per generator step, to keep up with it
-            fake_losses = [fake_score_step(fake, optimizers[1], generator, torch.randn(B, 1, 28, 28, device=device),
-                                           sched, bf16) for _ in range(args.fake_updates if matching else 0)]
-            idx = torch.randint(0, len(z_all), (B,), device=device)
-            z = torch.randn(B, 1, 28, 28, device=device) if matching else None  # fresh noise: phase 2 only
-            loss, loss_dm, loss_reg = generator_loss(generator, teacher, fake if matching else None, z, z_all[idx],
-                                                     x0_all[idx], sched, args.reg_weight, bf16)
-            optimizers[0].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
-            optimizers[0].step()
+            for key, value in zip(losses, train_step(args, generator, fake, optimizers, teacher, z_all, x0_all, sched,
+                                                     matching, bf16)):
+                losses[key].append(value)
             ema.update(generator, step)
             step += 1
-            loss_fake = float(np.mean(fake_losses)) if fake_losses else float("nan")  # NaN: not trained this step
-            for key, value in zip(losses, (loss_dm, loss_reg, loss_fake)):
-                losses[key].append(value)
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix({k.split()[0]: f"{np.mean(v[-100:]):.4f}" for k, v in losses.items()})

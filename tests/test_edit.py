@@ -43,6 +43,20 @@ def conditional(x0, mask):
     return mean, variance
 
 
+def test_neighbour_agreement_measures_how_ambiguous_the_visible_part_is(monkeypatch):
+    """Training digits: five 3s and five 8s with the same left half, ten 1s with another; the 3s and 8s differ on
+    the right. Seen by its left half a 3 is as likely an 8 (half its 10 neighbours agree); seen whole, all 5 do."""
+    halves = {3: (255, 0), 8: (255, 255), 1: (0, 0)}  # label: (left half, right half) grey levels
+    labels = torch.tensor([3] * 5 + [8] * 5 + [1] * 10)
+    images = torch.zeros(20, 28, 28, dtype=torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        images[i, :, :14], images[i, :, 14:] = halves[y]
+    monkeypatch.setattr(edit, "load_mnist", lambda root, train=True: (images, labels))
+    three = edit.to_model_range(images[:1])
+    assert edit.neighbour_agreement(three, labels[:1], edit.make_mask("right", 1), "-") == pytest.approx(0.5)
+    assert edit.neighbour_agreement(three, labels[:1], torch.ones(1, 1, 28, 28), "-", k=5) == 1.0
+
+
 @pytest.mark.parametrize("jumps", [0, 5])
 def test_inpainting_keeps_the_known_pixels_exactly_and_draws_the_hidden_ones_from_the_conditional(jumps):
     x0 = gaussian_digits(1, seed=0)
@@ -122,9 +136,10 @@ def cf_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("task", [["inpaint", "--mask", "centre", "--jumps", "1"], ["sdedit", "--strength", "0.3", "1"],
+@pytest.mark.parametrize("task", [["inpaint", "--mask", "centre", "--jumps", "1", "--ambiguity"],
+                                  ["sdedit", "--strength", "0.3", "1"],
                                   ["translate", "--to", "3"]])
-def test_every_task_runs_end_to_end(task, tiny_mnist, tiny_edm_checkpoint, cf_checkpoint, tmp_path):
+def test_every_task_runs_end_to_end(task, tiny_mnist, tiny_edm_checkpoint, cf_checkpoint, tmp_path, capsys):
     checkpoint = cf_checkpoint if task[0] == "translate" else tiny_edm_checkpoint / "diffusion_model_final.pt"
     edit.main(task + ["--checkpoint", str(checkpoint), "--data-root", tiny_mnist, "--out-dir", str(tmp_path),
                       "--num-samples", "5", "--steps", "4", "--save-npz", str(tmp_path / "e.npz"), "--bf16", "off"])
@@ -135,6 +150,7 @@ def test_every_task_runs_end_to_end(task, tiny_mnist, tiny_edm_checkpoint, cf_ch
     npz = np.load(files[0])
     if task[0] == "inpaint":
         assert np.load(files[1])["jumps"] == 0 and npz["jumps"] == 1  # replacement's file and RePaint's
+        assert "the 10 training digits nearest on the known pixels carry the true label" in capsys.readouterr().out
     assert npz["images"].shape == (5, 28, 28) and npz["images"].dtype == np.uint8 and npz["labels"].shape == (5,)
     if task[0] == "translate":
         assert (npz["labels"] == 3).all()

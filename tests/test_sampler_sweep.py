@@ -46,11 +46,13 @@ def test_chapter_3_samplers_at_every_step_count(schedule, spacing, sampler):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "restart"])
 def test_guided_chapters_samplers_at_every_step_count(schedule, sampler):
     sched = sample_ddim.ddpm_schedule(**SCHEDULES[schedule])
     model, y = exact_eps(sched), torch.tensor([3, 7])
     for steps in STEPS if sampler != "ddpm" else [1000]:
+        if sampler == "restart" and steps < 5:  # refused by the CLI, as in chapter 3
+            continue
         x_T = torch.randn(X0.shape, generator=torch.Generator().manual_seed(steps))
         # scale 0 / weight 1: the exact model's own prediction, so both chapters' step code must land on x0
         cg = src_cfg.sample_guided(model, None, sched, x_T, y, 0.0, steps, sampler, progress=False,
@@ -59,6 +61,27 @@ def test_guided_chapters_samplers_at_every_step_count(schedule, sampler):
         cf = src_classifier_free.sample_guided(model, sched, x_T, y, 1.0, steps, sampler, progress=False,
                                                generator=torch.Generator().manual_seed(0))
         assert_lands_on_x0(cf, f"src_classifier_free {sampler} {schedule} --steps {steps}")
+
+
+@pytest.mark.parametrize("steps", [5, 20, 50])
+def test_the_guided_chapters_restart_is_chapter_3s(steps):
+    """Unguided (scale 0, weight 1), the guided chapters' restart walks chapter 3's path with the same random numbers,
+    on a model that is not exact (so a wrong visit, jump or noise draw would change the digits)."""
+    sched = sample_ddim.ddpm_schedule(T=1000, kind="cosine")
+
+    def model(x, t, y=None):
+        return 0.3 * x + 0.1 * torch.sin(t.float().view(-1, 1, 1, 1) / 100)
+    x_T, y = torch.randn(X0.shape, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7])
+    reference = sample_ddim.sample_restart(model, sched, x_T, steps, generator=torch.Generator().manual_seed(0),
+                                           progress=False)
+    cg = src_cfg.sample_guided(model, None, sched, x_T, y, 0.0, steps, "restart", progress=False,
+                               generator=torch.Generator().manual_seed(0))
+    cf = src_classifier_free.sample_guided(model, sched, x_T, y, 1.0, steps, "restart", progress=False,
+                                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cg, reference) and torch.allclose(cf, reference, atol=1e-5)
+    ddim = src_cfg.sample_guided(model, None, sched, x_T, y, 0.0, steps, "dpmpp-2m-sde", progress=False,
+                                 generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(ddim, reference, atol=1e-3)  # restart's extra walk does change the digits
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

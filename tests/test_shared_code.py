@@ -16,10 +16,12 @@ SHARED_WITH_SRC = ["HelpFormatter", "ddpm_schedule", "timestep_embedding", "ResB
                    "load_mnist", "to_model_range", "to_uint8", "q_sample", "diffusion_loss", "save_atomic",
                    "save_grid", "EMA", "learning_rate", "positive_int", "positive_float", "ema_decay",
                    "orthogonalize", "Muon", "make_optimizer"]
-SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step", "sample_ddim", "log_snr", "dpmpp_2m_step", "solver_step", "clock"]
-SHARED_WITH_CFG = ["save_rows", "digit", "non_negative_float"]
+SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step", "sample_ddim", "log_snr", "dpmpp_2m_step", "solver_step", "clock",
+                    "restart_walks", "restart_jump"]
+SHARED_WITH_CFG = ["save_rows", "digit", "non_negative_float", "sampler_walks"]
 SHARED_WITH_KD = ["generate", "time_per_image", "save_outputs",  # the distillation chapters draw alike
                   "file_fingerprint", "pair_noise", "make_pairs", "distill_loss",  # and share the cached pairs
+                  "cached_pair_count", "teacher_seconds_per_pair", "fit_budget",  # and plan a budget alike
                   "student_from", "student_config"]  # and build their students alike
 SHARED_WITH_CF = ["ConditionalUNet", "build_conditional_model", "load_conditional", "guided_noise"]  # edit.py's
 SHARED_WITH_FLOW = ["interpolate"]  # the straight path of chapters 6 and 7

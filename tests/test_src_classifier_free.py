@@ -59,6 +59,10 @@ def test_training_run_writes_a_checkpoint_that_round_trips(trained, tmp_path):
     assert ckpt["kind"] == "classifier_free" and ckpt["step"] == 2 * (256 // 64) and ckpt["config"]["p_uncond"] == 0.1
     model, _ = cf.load_conditional(str(trained / cf.FINAL_NAME), torch.device("cpu"))
     assert torch.equal(model.class_emb.weight, ckpt["ema"]["class_emb.weight"])
+    config = ckpt["config"]  # the width-8 CPU run gets chapter 1's laptop recipe, and its model EDM's scaling
+    assert config["recipe"] == "laptop" and config["schedule"]["kind"] == "cosine"
+    assert config["upsample"] == "conv-first"
+    assert model.sigma_data == config["sigma_data"] == 0.5
     for name in ["classifier_free_weight_0.png", "classifier_free_weight_2.png", "classifier_free_same_noise.png"]:
         assert (trained / name).is_file(), name
     import shutil
@@ -86,6 +90,16 @@ def test_the_benchmark_times_classifier_free_sampling(trained, tiny_checkpoint):
 
 
 bad = partial(one_line_error, cf.main)
+
+
+def test_a_first_recipe_checkpoint_builds_the_model_it_was(trained):
+    """Checkpoints of the first recipe (no "upsample", no "sigma_data": the linear schedule, no scaling) still load."""
+    first = {"base_channels": 8, "channel_mults": [1, 2, 4], "attention": True, "schedule": cf.SCHEDULE}
+    model = cf.build_conditional_model(first)
+    assert model.sigma_data is None and isinstance(model.upsamples[1][0], torch.nn.Upsample)  # upsample, then conv
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([5, 900]), torch.tensor([3, cf.NULL_CLASS])
+    emb = model.time_mlp(cf.timestep_embedding(t, 8)) + model.class_emb(y)
+    assert torch.equal(model(x, t, y), model.trunk(x, emb))  # the layers' output is ε itself
 
 
 def test_bad_input(tmp_path, capsys):

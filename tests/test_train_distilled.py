@@ -71,6 +71,37 @@ def test_l1_clip_ignores_only_overshoot_past_a_black_or_white_target():
     assert pred.grad.tolist() == pytest.approx([0, 1 / 6, -1 / 6, 0, -1 / 6, 1 / 6])  # outside [-1, 1] still learns
 
 
+def test_fit_budget_cuts_every_phase_by_the_same_share():
+    assert td.fit_budget(120, [1000, 500], [0.01, 0.1]) == 1.0  # 60 s of work fits 120 s: all of it
+    assert td.fit_budget(30, [1000, 500], [0.01, 0.1]) == pytest.approx(0.5)
+    assert td.fit_budget(30, [1000, 500], [0.02, 0.2]) == pytest.approx(0.25)  # twice as slow: half as much again
+    assert td.fit_budget(30, [0, 500], [0.01, 0.1]) == pytest.approx(0.6)  # nothing to make in the first phase
+
+
+@pytest.mark.parametrize("pair_s, step_s", [(0.001, 0.01), (0.005, 0.15), (0.01, 0.3)])
+def test_the_plan_is_a_shorter_run_of_the_same_recipe_on_a_slower_machine(teacher, tmp_path, monkeypatch, pair_s,
+                                                                          step_s):
+    """Given the probes' costs, the pairs and the student's steps shrink together (same epochs), and fit."""
+    model, sched, path = teacher
+    monkeypatch.setattr(td, "teacher_seconds_per_pair", lambda *a: pair_s)
+    monkeypatch.setattr(td, "time_per_image", lambda fn, n, device: step_s)
+    args = td.parse_args(["--checkpoint", path, "--out-dir", str(tmp_path), "--pairs", "6400", "--epochs", "4",
+                          "--minutes", "1"])  # the full recipe: 6400 pairs and 4 x 100 steps
+    settings = {"teacher": td.file_fingerprint(path), "teacher_steps": 25, "pairs": 6400, "seed": 0}
+    steps = td.plan(args, model, td.student_from(model), sched, settings, torch.full((64,), 999), CPU, False,
+                    td.time.time())
+    share = min(1.0, 60 / (6400 * pair_s + 400 * step_s))
+    assert settings["pairs"] == pytest.approx(6400 * share, abs=1) and steps == 4 * (settings["pairs"] // 64)
+    assert settings["pairs"] * pair_s + steps * step_s <= 60
+    # pairs cached by an earlier run (any number of them) are used whole: the budget then cuts the steps alone
+    torch.save({"settings": dict(settings, pairs=1280), "x0": torch.zeros(1280, 1, 28, 28).half()},
+               tmp_path / td.PAIRS_NAME)
+    settings["pairs"], args.minutes = 6400, 0.25
+    steps = td.plan(args, model, td.student_from(model), sched, settings, torch.full((64,), 999), CPU, False,
+                    td.time.time())
+    assert settings["pairs"] == 1280 and steps == round(80 * min(1.0, 15 / (80 * step_s)))
+
+
 def test_kd_end_to_end_resume_and_sample_only(tiny_checkpoint, tmp_path, capsys):
     common = ["--checkpoint", str(tiny_checkpoint / "diffusion_model_final.pt"), "--out-dir", str(tmp_path),
               "--pairs", "64", "--teacher-steps", "2", "--batch-size", "32", "--num-samples", "4"]

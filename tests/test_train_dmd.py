@@ -158,6 +158,20 @@ def test_dmd_end_to_end_resume_init_and_sample_only(teacher, tmp_path, capsys):
     dmd.main(common + ["--sample-only"])
 
 
+def test_the_plan_cuts_pairs_regression_and_dmd_steps_alike(teacher, tmp_path, monkeypatch):
+    """Given the probes' costs (a DMD step costs more than a regression step), every phase shrinks by one share."""
+    model, path = teacher
+    monkeypatch.setattr(dmd, "teacher_seconds_per_pair", lambda *a: 0.01)
+    step_costs = iter([0.2, 0.6])  # the probes time a regression step, then a DMD step (it trains the fake score too)
+    monkeypatch.setattr(dmd, "time_per_image", lambda fn, n, device: next(step_costs))
+    args = dmd.parse_args(["--checkpoint", path, "--out-dir", str(tmp_path), "--pairs", "3000",
+                           "--regression-steps", "100", "--steps", "100", "--minutes", "1"])  # 30 + 20 + 60 s
+    settings = {"teacher": dmd.file_fingerprint(path), "teacher_steps": 25, "pairs": 3000, "seed": 0}
+    generator, fake = dmd.student_from(model), copy.deepcopy(model)
+    dmd.plan(args, model, generator, fake, SCHED, settings, CPU, False, dmd.time.time())
+    assert (settings["pairs"], args.regression_steps, args.steps) == (1636, 55, 55)  # 60 s of 110: 6/11 of each
+
+
 bad = partial(one_line_error, dmd.main)
 
 
