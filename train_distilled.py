@@ -62,10 +62,9 @@ def parse_args(argv=None):
                    help="the teacher's DDIM steps per pair (generating the pairs takes minutes on a CPU, once)")
     p.add_argument("--epochs", type=positive_int, default=16, help="passes over the pairs")
     p.add_argument("--minutes", type=positive_float, default=30.0,
-                   help="wall-clock budget for the whole run, teacher pairs + training: a few seconds' probe measures "
-                        "this machine's speed and cuts --pairs and the student steps (--epochs) alike to fit (a shorter run of the "
-                        "same recipe); "
-                        "then it still saves and samples")
+                   help="wall-clock budget for the whole run, teacher pairs + training: a few seconds' probe "
+                        "measures this machine's speed and cuts --pairs and the student steps (--epochs) "
+                        "alike to fit, a shorter run of the same recipe; then it still saves and samples")
     p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per training step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--loss", choices=["l1-clip", "l1", "mse"], default="l1-clip",
@@ -496,7 +495,7 @@ def cached_pair_count(out_dir, settings):
 def teacher_seconds_per_pair(teacher, sched, steps, device, bf16):
     """What one teacher pair costs on this machine: one timed DDIM run on 128 noises, after a warm-up run."""
     with torch.random.fork_rng():  # the probe leaves the run's random numbers as they were
-        z = torch.randn(128, 1, 28, 28, device=device)
+        z = torch.randn(128, 1, 28, 28).to(device)
         return time_per_image(lambda: sample_ddim(teacher, sched, z, steps, bf16=bf16, progress=False), len(z), device)
 
 
@@ -578,7 +577,7 @@ def plan(args, teacher, student, sched, settings, t, device, bf16, run_start):
     probe = copy.deepcopy(student)  # a throwaway copy: the probe's steps do not count
     probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=0.0)
     with torch.random.fork_rng():
-        z = torch.randn(args.batch_size, 1, 28, 28, device=device)
+        z = torch.randn(args.batch_size, 1, 28, 28).to(device)
         step_s = time_per_image(lambda: [student_step(probe, probe_optimizer, z, z.clamp(-1, 1), t, args.loss, bf16)
                                          for _ in range(3)], 3, device)
     pairs, budget_s = cached or args.pairs, args.minutes * 60 - (time.time() - run_start)

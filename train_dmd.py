@@ -77,10 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=6000,
                    help="phase 2: generator updates by distribution matching + regression")
     p.add_argument("--minutes", type=positive_float, default=45.0,
-                   help="wall-clock budget for the whole run, teacher pairs + training: a few seconds' probe measures "
-                        "this machine's speed and cuts --pairs, --regression-steps and --steps alike to fit (a shorter run of the "
-                        "same recipe); "
-                        "then it still saves and samples")
+                   help="wall-clock budget for the whole run, teacher pairs + training: a few seconds' probe "
+                        "measures this machine's speed and cuts --pairs, --regression-steps and --steps "
+                        "alike to fit, a shorter run of the same recipe; then it still saves and samples")
     p.add_argument("--batch-size", type=positive_int, default=32, help="generator digits (and pairs) per update")
     p.add_argument("--fake-updates", type=positive_int, default=2,
                    help="fake-score updates per generator update (DMD2's two time-scale rule)")
@@ -562,7 +561,7 @@ def cached_pair_count(out_dir, settings):
 def teacher_seconds_per_pair(teacher, sched, steps, device, bf16):
     """What one teacher pair costs on this machine: one timed DDIM run on 128 noises, after a warm-up run."""
     with torch.random.fork_rng():  # the probe leaves the run's random numbers as they were
-        z = torch.randn(128, 1, 28, 28, device=device)
+        z = torch.randn(128, 1, 28, 28).to(device)
         return time_per_image(lambda: sample_ddim(teacher, sched, z, steps, bf16=bf16, progress=False), len(z), device)
 
 
@@ -744,7 +743,7 @@ def plan(args, teacher, generator, fake, sched, settings, device, bf16, run_star
     probe = [copy.deepcopy(generator), copy.deepcopy(fake)]
     probe_optimizers = [torch.optim.AdamW(m.parameters(), lr=0.0) for m in probe]
     with torch.random.fork_rng():  # the probe leaves the run's random numbers as they were
-        z = torch.randn(args.batch_size, 1, 28, 28, device=device)
+        z = torch.randn(args.batch_size, 1, 28, 28).to(device)
         reg_s, dmd_s = (time_per_image(lambda: [train_step(args, *probe, probe_optimizers, teacher, z, z.clamp(-1, 1),
                                                            sched, matching, bf16) for _ in range(3)], 3, device)
                         for matching in (False, True))

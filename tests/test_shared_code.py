@@ -15,7 +15,7 @@ SHARED_WITH_SRC = ["HelpFormatter", "ddpm_schedule", "timestep_embedding", "ResB
                    "build_model", "load_checkpoint", "model_from_checkpoint", "fail", "pick_device", "cpu_bf16_flags", "use_bf16",
                    "load_mnist", "to_model_range", "to_uint8", "q_sample", "diffusion_loss", "save_atomic",
                    "save_grid", "EMA", "learning_rate", "positive_int", "positive_float", "ema_decay",
-                   "orthogonalize", "Muon", "make_optimizer"]
+                   "orthogonalize", "Muon", "make_optimizer", "timestep_probs"]
 SHARED_WITH_DDIM = ["ddim_timesteps", "ddim_step", "sample_ddim", "log_snr", "dpmpp_2m_step", "solver_step", "clock",
                     "restart_walks", "restart_jump"]
 SHARED_WITH_CFG = ["save_rows", "digit", "non_negative_float", "sampler_walks"]
