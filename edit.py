@@ -3,25 +3,27 @@ Chapter 8 - editing with a trained diffusion model: fill in a missing part, clea
 
 Usage (copy-paste; each runs on chapter 1's model, or chapter 5's for `translate`, yours or the shipped one):
     python edit.py inpaint --mask left              # hide the left half of 64 test digits and fill it in again
-    python edit.py inpaint --mask centre --jumps 0  # plain replacement, without RePaint's resampling
+    python edit.py inpaint --mask centre --jumps 0 --guidance 0   # plain replacement: no resampling, no guidance
     python edit.py sdedit                           # rough (blocky) test digits -> clean digits, at five strengths
     python edit.py sdedit --input my_digit.png --strength 0.5   # your own 28x28 drawing
     python edit.py translate --to 8                 # every digit redrawn as an 8, in its own handwriting
     python edit.py inpaint --mask bottom --num-samples 200 --save-npz inpaint_bottom.npz   # for evaluate.py
 
-None of it trains anything. The model learned ε_θ(x_t, t) for noisy digits; editing only changes where the
-sampler starts and what it is told along the way (notes/9-editing.md):
+No diffusion model is trained here (`--ambiguity` trains a small classifier). The model learned ε_θ(x_t, t) for
+noisy digits; editing only changes where the sampler starts and what it is told on the way (notes/9-editing.md):
   * inpaint (Lugmayr et al. 2022): the forward process is known in closed form, so at every step the KNOWN pixels
     are replaced by the original digit noised to that step's level, q(x_t | x_0); the model fills in the rest.
     Replacement alone leaves seams: the model never sees how its part should fit, only what is there now.
-    RePaint's resampling goes back up a few levels (re-noising) and down again, --jumps times, so both agree.
+    RePaint's resampling goes back up a few levels (re-noising) and down again, --jumps times, so both agree;
+    reconstruction guidance (--guidance) nudges the hidden pixels so that the model's guess of the whole digit
+    matches the known ones, a gradient through the network at every step.
   * sdedit (Meng et al. 2022): noise the rough input up to t_0 = strength · T and denoise from there. Low strength
     keeps the input (and its flaws), high strength makes a clean digit that forgets the input: a trade-off.
   * translate: DDIM inversion (chapter 3) finds the noise the deterministic sampler would turn into THIS digit;
     sampling from that noise with classifier-free guidance towards another digit (chapter 5) keeps the style.
 
 What comes out (in --out-dir):
-    edit_inpaint.png     rows: original, masked (grey = hidden), replacement, RePaint (up to 16 digits)
+    edit_inpaint.png     rows: original, masked (grey = hidden), replacement, guided RePaint (up to 16 digits)
     edit_sdedit.png      rows: the rough input, then the result at each --strength (up to 16 digits)
     edit_translate.png   rows: the source digit, the translation (up to 16 digits)
     edit_TASK_all.png    all --num-samples results of the last row
@@ -88,9 +90,12 @@ def parse_args(argv=None):
                          help="RePaint's resampling: at every --jump-length-th level, go back up that many levels "
                               "and down again, this many times; 0 = plain replacement")
     inpaint.add_argument("--jump-length", type=positive_int, default=5, help="levels per jump back up")
-    inpaint.add_argument("--ambiguity", action="store_true",
-                         help="also measure how ambiguous the visible part is: how often its nearest MNIST-train "
-                              "digits (by the known pixels) carry the true label")
+    inpaint.add_argument("--guidance", type=non_negative_float, default=4.0,
+                         help="reconstruction guidance: how far each step moves the hidden pixels so that the "
+                              "model's guess of the clean digit matches the known ones; 0 = off")
+    inpaint.add_argument("--ambiguity", type=positive_int, nargs="?", const=1000, default=None, metavar="STEPS",
+                         help="also measure how ambiguous the visible part is: train a small CNN for STEPS batches "
+                              "(1000 if not given, ~30 s on a laptop) to read the label from it alone")
     sdedit.add_argument("--input", default=None, metavar="PNG",
                         help="your own digit (a light stroke on dark, or dark on light: it is inverted), resized to "
                              "28x28 and edited --num-samples times. Default: roughened test digits")
@@ -248,20 +253,27 @@ def make_mask(kind, n, keep=0.2, generator=None):
     return mask
 
 
-def neighbour_agreement(x0, labels, mask, data_root, k=10):
-    """How ambiguous the known pixels are: for each digit, the share of the k MNIST-train digits nearest to it on
-    its known pixels alone that carry its label. Real digits with that visible part have other labels this often,
-    so a sampler that completes digits as real digits would be read as the true label about this often (an
-    estimate in pixel distance, not a bound)."""
+def visible_part_reading(x0, labels, mask, hide, data_root, steps=1000, batch=128):
+    """How much of the label the visible part alone carries. A small CNN learns to read MNIST-train digits with
+    their pixels hidden as hide(n) hides them, then reads x0 through its mask. Returns the share it reads right
+    (about the best any completion can be read right) and its mean probability for the true label (what a sampler
+    drawing completions from the true conditional would score, as far as the CNN's probabilities are honest)."""
     images, train_labels = load_mnist(data_root, train=True)
-    train = to_model_range(images).flatten(1).to(x0.device)
-    agree = []
-    for x, y, m in zip(x0.flatten(1).split(100), labels.split(100), mask.flatten(1).split(100)):
-        # Σ m (x - t)² over the known pixels m, for every training digit t at once
-        distance = (m * x * x).sum(1, keepdim=True) - 2 * (m * x) @ train.T + m @ (train * train).T
-        nearest = distance.topk(k, dim=1, largest=False).indices.cpu()
-        agree.append((train_labels[nearest] == y[:, None]).float().mean(1))
-    return torch.cat(agree).mean().item()
+    train, train_labels = to_model_range(images).to(x0.device), train_labels.to(x0.device)
+    reader = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                           nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                           nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)).to(x0.device)
+    optimizer = torch.optim.AdamW(reader.parameters(), lr=2e-3)
+    draw = torch.Generator().manual_seed(0)
+    for _ in tqdm(range(steps), desc="training a reader of the visible part", leave=False):
+        pick = torch.randint(len(train), (batch,), generator=draw).to(x0.device)
+        loss = F.cross_entropy(reader(hide(batch).to(x0.device) * train[pick]), train_labels[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        p = reader(mask * x0).softmax(1).cpu()
+    return (p.argmax(1) == labels).float().mean().item(), p[torch.arange(len(labels)), labels].mean().item()
 
 
 def roughen(x, how):
@@ -587,10 +599,25 @@ def repaint_schedule(K, jumps, jump_length):
     return path
 
 
+def reconstruction_gradient(eps, x, t, alpha_bar_t, x0, mask, bf16):
+    """Reconstruction guidance (Ho et al. 2022, normalised as in Chung et al. 2023): the model's guess of the clean
+    digit, x̂_0(x_t), should match the known pixels. Its gradient runs back through the network, so the hidden part
+    learns at every step what the known part needs of it; replacement alone only puts the known part back.
+    Returns ε_θ(x_t) and ∇_x ‖mask · (x̂_0(x_t) - x0)‖, one norm per digit."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        pred_noise = predict_noise(eps, x, t, bf16)
+        pred_x0 = (x - (1 - alpha_bar_t).sqrt() * pred_noise) / alpha_bar_t.sqrt()
+        distance = (mask * (pred_x0 - x0)).flatten(1).norm(dim=1)
+        gradient, = torch.autograd.grad(distance.sum(), x)
+    return pred_noise.detach(), gradient
+
+
 @torch.no_grad()
-def inpaint(eps, alpha_bar, x0, mask, noise, steps, jumps=0, jump_length=5, bf16=False, generator=None,
-            progress=True):
-    """Fill in where mask = 0, keeping x0 where mask = 1 (Lugmayr et al. 2022, Algorithm 1 with their jumps).
+def inpaint(eps, alpha_bar, x0, mask, noise, steps, jumps=0, jump_length=5, guidance=0.0, bf16=False,
+            generator=None, progress=True):
+    """Fill in where mask = 0, keeping x0 where mask = 1 (Lugmayr et al. 2022, Algorithm 1 with their jumps; with
+    guidance > 0, each step down also moves the hidden pixels along -guidance · reconstruction_gradient).
     Level k of the path has ᾱ_k (k = 0: the clean digit, ᾱ = 1; k = K: pure noise)."""
     timesteps, bars = levels(alpha_bar, steps)
     timesteps, bars = timesteps[::-1], bars[::-1]  # now level k: timesteps[k - 1], ᾱ = bars[k]
@@ -603,8 +630,11 @@ def inpaint(eps, alpha_bar, x0, mask, noise, steps, jumps=0, jump_length=5, bf16
     x = noise  # level K
     for k, k_next in tqdm(list(zip(path[:-1], path[1:])), desc="inpainting", disable=not progress, leave=False):
         if k_next < k:  # down: one ancestral step (DDPM's posterior, = DDIM with η = 1) on the whole image ...
-            pred_noise = predict_noise(eps, x, timesteps[k - 1], bf16)
-            x = ddim_step(x, pred_noise, bars[k], bars[k_next], 1.0, fresh())
+            if guidance > 0:
+                pred_noise, gradient = reconstruction_gradient(eps, x, timesteps[k - 1], bars[k], x0, mask, bf16)
+            else:
+                pred_noise, gradient = predict_noise(eps, x, timesteps[k - 1], bf16), 0.0
+            x = ddim_step(x, pred_noise, bars[k], bars[k_next], 1.0, fresh()) - guidance * (1 - mask) * gradient
             # ... then the known pixels are replaced: x_0 noised to this level, q(x_t | x_0) in closed form
             known = bars[k_next].sqrt() * x0 + (1 - bars[k_next]).sqrt() * fresh()
             x = mask * known + (1 - mask) * x
@@ -704,19 +734,25 @@ def main(argv=None):
     if args.task == "inpaint":
         mask = make_mask(args.mask, len(x0), args.keep, generator).to(device)
         rows, names = [x0, mask * x0], ["original", f"masked ({args.mask})"]
-        for jumps in sorted({0, args.jumps}):  # replacement first; RePaint from the same noise
+        settings = sorted({(0, 0.0), (args.jumps, args.guidance)})  # replacement first; then yours, same noise
+        for jumps, guidance in settings:
             seed = torch.Generator().manual_seed(args.seed + 1)
-            rows.append(inpaint(model, alpha_bar, x0, mask, noise, args.steps, jumps, args.jump_length, bf16, seed))
-            names.append("replacement" if jumps == 0 else f"RePaint, {jumps} jumps")
-            print(f"{names[-1]}: {len(repaint_schedule(args.steps, jumps, args.jump_length)) - 1} calls per digit")
+            rows.append(inpaint(model, alpha_bar, x0, mask, noise, args.steps, jumps, args.jump_length, guidance,
+                                bf16, seed))
+            names.append(("replacement" if jumps == 0 else f"RePaint, {jumps} jumps")
+                         + (f", guidance {guidance:g}" if guidance else ""))
+            print(f"{names[-1]}: {len(repaint_schedule(args.steps, jumps, args.jump_length)) - 1} calls per digit"
+                  + (" (each with a backward pass)" if guidance else ""))
         if args.ambiguity:
-            share = neighbour_agreement(x0, labels, mask, args.data_root)
-            print(f"ambiguity: the 10 training digits nearest on the known pixels carry the true label {share:.1%} "
-                  f"of the time")
+            read, p_true = visible_part_reading(x0, labels, mask, lambda n: make_mask(args.mask, n, args.keep),
+                                                args.data_root, args.ambiguity)
+            print(f"ambiguity: a CNN trained on MNIST-train with the same pixels hidden reads the true label from the "
+                  f"visible part alone in {read:.1%} of these digits; its mean probability for it is {p_true:.1%}")
         title = f"inpainting: the hidden {args.mask} part filled in by chapter 1's model"
         replaced = args.save_npz and args.save_npz.replace(".npz", "") + "_replacement.npz"  # both, for evaluate.py
-        npz = [(args.save_npz if jumps == args.jumps else replaced, result, labels, {"jumps": jumps, "mask": args.mask})
-               for jumps, result in zip(sorted({0, args.jumps}), rows[2:])]
+        npz = [(args.save_npz if (jumps, guidance) == settings[-1] else replaced, result, labels,
+                {"jumps": jumps, "guidance": guidance, "mask": args.mask})
+               for (jumps, guidance), result in zip(settings, rows[2:])]
     elif args.task == "sdedit":
         x_in = x0 if args.input else roughen(x0, args.rough)
         rows, names, npz = [x_in], ["input" if args.input else f"rough ({args.rough})"], []

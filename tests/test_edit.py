@@ -43,18 +43,21 @@ def conditional(x0, mask):
     return mean, variance
 
 
-def test_neighbour_agreement_measures_how_ambiguous_the_visible_part_is(monkeypatch):
-    """Training digits: five 3s and five 8s with the same left half, ten 1s with another; the 3s and 8s differ on
-    the right. Seen by its left half a 3 is as likely an 8 (half its 10 neighbours agree); seen whole, all 5 do."""
+def test_the_visible_part_reader_measures_how_ambiguous_the_visible_part_is(monkeypatch):
+    """Training digits: 3s and 8s with the same left half, 1s with another; the 3s and 8s differ on the right. Read
+    through its left half a 3 is as likely an 8 (probability one half each, one of the two read right); read whole,
+    each is read right, with certainty."""
     halves = {3: (255, 0), 8: (255, 255), 1: (0, 0)}  # label: (left half, right half) grey levels
-    labels = torch.tensor([3] * 5 + [8] * 5 + [1] * 10)
-    images = torch.zeros(20, 28, 28, dtype=torch.uint8)
+    labels = torch.tensor([3, 8, 1] * 10)
+    images = torch.zeros(30, 28, 28, dtype=torch.uint8)
     for i, y in enumerate(labels.tolist()):
         images[i, :, :14], images[i, :, 14:] = halves[y]
     monkeypatch.setattr(edit, "load_mnist", lambda root, train=True: (images, labels))
-    three = edit.to_model_range(images[:1])
-    assert edit.neighbour_agreement(three, labels[:1], edit.make_mask("right", 1), "-") == pytest.approx(0.5)
-    assert edit.neighbour_agreement(three, labels[:1], torch.ones(1, 1, 28, 28), "-", k=5) == 1.0
+    digits = edit.to_model_range(images[:3])
+    for hidden, expected in [("right", 2 / 3), (None, 1.0)]:  # half hidden: the 3 and the 8 get one answer
+        hide = (lambda n: edit.make_mask(hidden, n)) if hidden else (lambda n: torch.ones(n, 1, 28, 28))
+        read, p_true = edit.visible_part_reading(digits, labels[:3], hide(3), hide, "-", steps=100, batch=30)
+        assert read == pytest.approx(expected) and p_true == pytest.approx(expected, abs=0.05)
 
 
 @pytest.mark.parametrize("jumps", [0, 5])
@@ -75,18 +78,22 @@ def test_inpainting_keeps_the_known_pixels_exactly_and_draws_the_hidden_ones_fro
     assert hidden.var(0).mean().item() == pytest.approx(variance.mean().item(), rel=0.1)
 
 
-def test_resampling_brings_the_hidden_part_closer_to_the_conditional_than_replacement():
-    """A strongly correlated image: the hidden half must follow the known half's z. Replacement alone lags behind."""
+def test_resampling_and_guidance_bring_the_hidden_part_closer_to_the_conditional_than_replacement():
+    """A strongly correlated image: the hidden half must follow the known half's z, i.e. carry the shared stroke as
+    strongly as the conditional mean says. Replacement alone lags behind; RePaint's jumps and reconstruction guidance
+    each tell the hidden half about the known one. Measured along the stroke, where the pixel noise S·n averages out."""
     x0 = gaussian_digits(8, seed=3)
     mask = edit.make_mask("bottom", 8)
     noise = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    means = torch.stack([conditional(x0[i], mask[i])[0] for i in range(8)])
+    hidden = ~mask[0].flatten().bool()
+    stroke = U[hidden] / U[hidden].norm()
     errors = []
-    for jumps in (0, 5):
-        out = edit.inpaint(ExactNoise(), ALPHA_BAR, x0, mask, noise, 20, jumps, 5,
+    for jumps, guidance in [(0, 0.0), (5, 0.0), (0, 4.0)]:
+        out = edit.inpaint(ExactNoise(), ALPHA_BAR, x0, mask, noise, 20, jumps, 5, guidance,
                            generator=torch.Generator().manual_seed(5), progress=False)
-        means = torch.stack([conditional(x0[i], mask[i])[0] for i in range(8)])
-        errors.append((out.flatten(1)[:, ~mask[0].flatten().bool()] - means).pow(2).mean().item())
-    assert errors[1] < errors[0], errors
+        errors.append(((out.flatten(1)[:, hidden] - means) @ stroke).pow(2).mean().item())
+    assert errors[1] < 0.9 * errors[0] and errors[2] < 0.6 * errors[0], errors
 
 
 def test_the_repaint_schedule_goes_down_to_the_digit_and_back_up_as_told():
@@ -136,7 +143,7 @@ def cf_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("task", [["inpaint", "--mask", "centre", "--jumps", "1", "--ambiguity"],
+@pytest.mark.parametrize("task", [["inpaint", "--mask", "centre", "--jumps", "1", "--ambiguity", "5"],
                                   ["sdedit", "--strength", "0.3", "1"],
                                   ["translate", "--to", "3"]])
 def test_every_task_runs_end_to_end(task, tiny_mnist, tiny_edm_checkpoint, cf_checkpoint, tmp_path, capsys):
@@ -150,7 +157,8 @@ def test_every_task_runs_end_to_end(task, tiny_mnist, tiny_edm_checkpoint, cf_ch
     npz = np.load(files[0])
     if task[0] == "inpaint":
         assert np.load(files[1])["jumps"] == 0 and npz["jumps"] == 1  # replacement's file and RePaint's
-        assert "the 10 training digits nearest on the known pixels carry the true label" in capsys.readouterr().out
+        assert np.load(files[1])["guidance"] == 0 and npz["guidance"] == 4  # guided by default
+        assert "reads the true label from the visible part alone" in capsys.readouterr().out
     assert npz["images"].shape == (5, 28, 28) and npz["images"].dtype == np.uint8 and npz["labels"].shape == (5,)
     if task[0] == "translate":
         assert (npz["labels"] == 3).all()
