@@ -58,6 +58,7 @@ PAIRS_NAME = "distill_pairs.pt"  # the same cache as chapter 4's: one set of pai
 PREFIX = "dmd"  # the pictures this chapter writes: dmd_samples.png, dmd_comparison.png, dmd_loss_curve.png
 FIGURE_STEPS = 50  # the teacher's DDIM steps in the comparison figure
 NOISE_RANGE = (0.02, 0.98)  # the fractions of T between which the generator's digits are noised (the paper's)
+HIGH_NOISE_FROM, HIGH_NOISE_SHARE = 0.6, 0.5  # ...and half of them above 0.6T, where a digit's class is decided
 
 
 def parse_args(argv=None):
@@ -664,6 +665,9 @@ def generator_loss(generator, teacher, fake, z, z_pair, x0_pair, sched, reg_weig
         return loss_reg, float("nan"), loss_reg.item()
     x = one_step(z)
     t = torch.randint(int(NOISE_RANGE[0] * T), int(NOISE_RANGE[1] * T), (len(z),), device=z.device)
+    # more weight on the high levels: there matching keeps each digit's share (the paper's uniform t: too many ones)
+    high = torch.rand(len(z), device=z.device) < HIGH_NOISE_SHARE  # these digits get a level above HIGH_NOISE_FROM * T
+    t[high] = torch.randint(int(HIGH_NOISE_FROM * T), int(NOISE_RANGE[1] * T), (int(high.sum()),), device=z.device)
     x_t = q_sample(x.detach(), t, torch.randn_like(x), sched)  # noise the generator's digits to a random level
     with torch.no_grad():  # neither score learns here: the teacher is frozen, the fake has its own step
         x0_real, x0_fake = pred_x0(teacher, x_t, t, sched, bf16), pred_x0(fake, x_t, t, sched, bf16)

@@ -97,6 +97,23 @@ def test_a_generator_stuck_in_one_mode_finds_both(reg_weight):
     assert 0.4 < share_low < 0.6
 
 
+def test_matching_draws_half_its_levels_above_the_high_noise_cut(monkeypatch):
+    """t is uniform in NOISE_RANGE, and HIGH_NOISE_SHARE of the digits are drawn again above HIGH_NOISE_FROM * T."""
+    levels, q_sample = [], dmd.q_sample
+    monkeypatch.setattr(dmd, "q_sample", lambda x, t, *a: levels.append(t) or q_sample(x, t, *a))
+    torch.manual_seed(0)
+    generator = ToyGenerator(0.0, 1.0)
+    pair = torch.zeros(1, 1, 4, 4)
+    dmd.generator_loss(generator, MixtureDenoiser([0.0], 1.0), generator.exact_fake_score(),
+                       torch.randn(20000, 1, 4, 4), pair, pair, SCHED, 0.0, False)
+    t = torch.cat(levels).float() / len(SCHED["alpha_bar"])
+    (lo, hi), cut, share = dmd.NOISE_RANGE, dmd.HIGH_NOISE_FROM, dmd.HIGH_NOISE_SHARE
+    assert lo <= t.min() and t.max() < hi
+    expected = share + (1 - share) * (hi - cut) / (hi - lo)  # drawn high, or uniform and landing high anyway
+    assert abs((t >= cut).float().mean().item() - expected) < 0.02
+    assert abs((t < 0.3).float().mean().item() - (1 - share) * (0.3 - lo) / (hi - lo)) < 0.02  # the low levels stay
+
+
 def test_the_loss_gradient_is_the_normalised_score_difference():
     x = torch.randn(3, 1, 4, 4, requires_grad=True)
     x0_real, x0_fake = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
